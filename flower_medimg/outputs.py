@@ -1,0 +1,161 @@
+"""What a run leaves behind: the global model and a per-round metrics summary.
+
+Files in ``<output-dir>/<run-name>/``:
+
+``global_model.pt``
+    The final global model as a PyTorch ``state_dict`` (loads straight into the
+    MONAI network that :func:`flower_medimg.models.model_from_config` builds).
+``config.json``
+    The resolved run config.
+``metrics.json``
+    Per round: aggregated federated train and evaluate metrics, each site's own
+    metrics, central evaluation on the server-held test set and the round's wall
+    time; plus the central evaluation of the initial model (round 0).
+``metrics.csv``
+    The same per-round numbers as a flat table (one row per round).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from flower_medimg.models import model_from_config
+
+__all__ = ["RoundRecorder", "load_global_model", "make_run_dir", "write_outputs"]
+
+
+class RoundRecorder:
+    """Keep every site's metrics and each round's wall time while a strategy runs.
+
+    :meth:`train` and :meth:`evaluate` are metric aggregation functions with the
+    signature Flower's strategies expect (``train_metrics_aggr_fn``,
+    ``evaluate_metrics_aggr_fn``): they record each reply's MetricRecord and return
+    Flower's usual weighted average. :meth:`end_round` is the strategy's
+    ``evaluate_fn``, which ``Strategy.start`` calls before round 1 and after every
+    round: it files the recorded metrics under that round, stops the round's clock
+    and runs the optional central evaluation (not counted in the round's time).
+
+    Parameters
+    ----------
+    central_evaluation : callable, optional
+        ``(arrays) -> dict`` evaluating a global model on a server-held test set.
+    """
+
+    def __init__(
+        self, central_evaluation: Callable[[ArrayRecord], dict] | None = None
+    ) -> None:
+        self.central_evaluation = central_evaluation
+        self.rounds: dict[int, dict[str, Any]] = {}
+        self._pending_train: list[dict[str, Any]] = []
+        self._pending_evaluate: list[dict[str, Any]] = []
+        self._round_started = time.perf_counter()
+
+    def train(self, records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+        """Record the train replies' metrics and return their weighted average."""
+        self._pending_train = _metric_dicts(records)
+        return aggregate_metricrecords(records, weighted_by_key)
+
+    def evaluate(
+        self, records: list[RecordDict], weighted_by_key: str
+    ) -> MetricRecord:
+        """Record the evaluate replies' metrics and return their weighted average."""
+        self._pending_evaluate = _metric_dicts(records)
+        return aggregate_metricrecords(records, weighted_by_key)
+
+    def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Close ``server_round`` and return its central evaluation, if any."""
+        self.rounds[server_round] = {
+            "clients-train": self._pending_train,
+            "clients-evaluate": self._pending_evaluate,
+            "wall-time-s": time.perf_counter() - self._round_started,
+        }
+        self._pending_train, self._pending_evaluate = [], []
+        metrics = None
+        if self.central_evaluation is not None:
+            metrics = MetricRecord(self.central_evaluation(arrays))
+        self._round_started = time.perf_counter()
+        return metrics
+
+
+def _metric_dicts(records: list[RecordDict]) -> list[dict[str, Any]]:
+    return [dict(m) for record in records for m in record.metric_records.values()]
+
+
+def make_run_dir(output_dir: str | Path, run_name: str) -> Path:
+    """Create ``output_dir/run_name`` (a numeric suffix keeps earlier runs)."""
+    base = Path(output_dir).expanduser().resolve() / run_name
+    run_dir, suffix = base, 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = base.with_name(f"{base.name}-{suffix}")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def write_outputs(
+    run_dir: Path,
+    config: Mapping[str, Any],
+    result: Result,
+    recorder: RoundRecorder,
+    num_rounds: int,
+) -> dict[str, Any]:
+    """Write the model, config and metrics files; return the metrics summary."""
+    if result.arrays is not None:
+        torch.save(result.arrays.to_torch_state_dict(), run_dir / "global_model.pt")
+    (run_dir / "config.json").write_text(json.dumps(dict(config), indent=2))
+
+    rounds = []
+    for rnd in range(1, num_rounds + 1):
+        recorded = recorder.rounds.get(rnd, {})
+        rounds.append(
+            {
+                "round": rnd,
+                "train": dict(result.train_metrics_clientapp.get(rnd, {})),
+                "evaluate": dict(result.evaluate_metrics_clientapp.get(rnd, {})),
+                "central": dict(result.evaluate_metrics_serverapp.get(rnd, {})),
+                "clients-train": recorded.get("clients-train", []),
+                "clients-evaluate": recorded.get("clients-evaluate", []),
+                "wall-time-s": recorded.get("wall-time-s"),
+            }
+        )
+    summary = {
+        "central-initial": dict(result.evaluate_metrics_serverapp.get(0, {})),
+        "rounds": rounds,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    _write_csv(run_dir / "metrics.csv", rounds)
+    return summary
+
+
+def _write_csv(path: Path, rounds: list[dict[str, Any]]) -> None:
+    rows = []
+    for entry in rounds:
+        row: dict[str, Any] = {"round": entry["round"]}
+        for part in ("train", "evaluate", "central"):
+            row.update({f"{part}/{k}": v for k, v in entry[part].items()})
+        row["wall-time-s"] = entry["wall-time-s"]
+        rows.append(row)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def load_global_model(run_dir: str | Path) -> torch.nn.Module:
+    """Rebuild the MONAI network of a finished run and load its final weights."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    model = model_from_config(config)
+    model.load_state_dict(torch.load(run_dir / "global_model.pt", weights_only=True))
+    return model
