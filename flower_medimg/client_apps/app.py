@@ -101,6 +101,7 @@ def _train(msg: Message, context: Context, config: dict[str, Any]) -> Message:
 
 
 def _evaluate(msg: Message, context: Context, config: dict[str, Any]) -> Message:
+    started = time.perf_counter()
     task = get_task(config["task"])
     dev = device()
     model = model_from_config(config)
@@ -108,7 +109,13 @@ def _evaluate(msg: Message, context: Context, config: dict[str, Any]) -> Message
     model.to(dev)
     _, _, validation, _ = _loaders(config, context, seed=0)
     values = task.evaluate(model, validation, dev)
-    metrics = MetricRecord({"num-examples": len(validation.dataset), **values})
+    metrics = MetricRecord(
+        {
+            "num-examples": len(validation.dataset),
+            **values,
+            "eval-time-s": time.perf_counter() - started,
+        }
+    )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
