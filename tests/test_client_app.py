@@ -1,0 +1,115 @@
+"""The ClientApp's train and evaluate handlers on a tiny synthetic site."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from flower_medimg.client_apps import make_client_app
+from flower_medimg.config import resolve_config
+from flower_medimg.data import site_datasets
+from flower_medimg.models import model_from_config
+
+TINY = {
+    "model.channels": "4,8,16",
+    "data.image-size": 32,
+    "data.samples-per-site": 16,
+    "data.quantity-skew": 0.0,
+    "train.batch-size": 4,
+    "train.local-epochs": 3,
+    "train.lr": 0.01,
+}
+
+
+def _context(config, partition_id=1):
+    return Context(
+        run_id=1,
+        node_id=10 + partition_id,
+        node_config={"partition-id": partition_id, "num-partitions": 3},
+        state=RecordDict(),
+        run_config=config,
+    )
+
+
+def _message(arrays, message_type, server_round=1):
+    content = RecordDict(
+        {"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}
+    )
+    return Message(content=content, dst_node_id=11, message_type=message_type)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = resolve_config(overrides=TINY)
+    torch.manual_seed(0)
+    arrays = ArrayRecord(model_from_config(config).state_dict())
+    return config, arrays
+
+
+def test_train_reply(setup):
+    config, arrays = setup
+    app = make_client_app(**TINY)
+    reply = app(_message(arrays, "train"), _context({}))
+    assert not reply.has_error(), reply.error
+    metrics = reply.content["metrics"]
+    train_ds, _ = site_datasets("segmentation", _context({}).node_config, config)
+    assert metrics["num-examples"] == len(train_ds)  # samples, not batches
+    assert metrics["local-steps"] == 3 * -(-len(train_ds) // 4)
+    assert metrics["nova-a"] == metrics["local-steps"]
+    assert metrics["train-loss-after"] < metrics["train-loss-before"]
+    sent = reply.content["arrays"].to_torch_state_dict()
+    received = arrays.to_torch_state_dict()
+    assert sent.keys() == received.keys()
+    assert any(not torch.equal(sent[k], received[k]) for k in sent)
+
+
+def test_evaluate_reply_metrics_in_range(setup):
+    _, arrays = setup
+    app = make_client_app(**TINY)
+    reply = app(_message(arrays, "evaluate"), _context({}))
+    assert not reply.has_error(), reply.error
+    metrics = reply.content["metrics"]
+    assert 0.0 <= metrics["dice"] <= 1.0
+    assert 0.0 <= metrics["hd95"] <= (2 * 32**2) ** 0.5
+    assert metrics["num-examples"] > 0
+
+
+def test_classification_app_reply():
+    overrides = {
+        **TINY,
+        "task": "classification",
+        "model.name": "resnet10",
+        "model.norm": "batch",
+        "model.channels": "4,8,8,16",
+        "train.local-epochs": 1,
+    }
+    config = resolve_config(overrides=overrides)
+    arrays = ArrayRecord(model_from_config(config).state_dict())
+    app = make_client_app(**overrides)
+    reply = app(_message(arrays, "evaluate"), _context({}, partition_id=0))
+    metrics = reply.content["metrics"]
+    for key in ("accuracy", "auroc", "sensitivity", "specificity"):
+        assert 0.0 <= metrics[key] <= 1.0
+    reply = app(_message(arrays, "train"), _context({}, partition_id=0))
+    assert reply.content["metrics"]["num-examples"] > 0
+
+
+def test_missing_site_folder_is_named(setup):
+    _, arrays = setup
+    app = make_client_app(**TINY)
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"data-dir": "/nonexistent/site-a"},
+        state=RecordDict(),
+        run_config={},
+    )
+    # Flower's runtime turns the exception into an error reply for the server
+    with pytest.raises(FileNotFoundError, match="/nonexistent/site-a"):
+        app(_message(arrays, "train"), context)
+
+
+def test_unknown_run_config_key_names_it(setup):
+    _, arrays = setup
+    app = make_client_app(**TINY)
+    with pytest.raises(KeyError, match="model.nmae"):
+        app(_message(arrays, "train"), _context({"model.nmae": "unet"}))
