@@ -219,9 +219,7 @@ def build_model(
 def model_from_config(config: dict) -> torch.nn.Module:
     """Build the network described by a resolved run config (dotted keys)."""
     task = config["task"]
-    out_channels = (
-        config["data.num-classes"] if task == "classification" else 2
-    )
+    out_channels = config["data.num-classes"] if task == "classification" else 2
     return build_model(
         task,
         config["model.name"],

@@ -65,9 +65,7 @@ class RoundRecorder:
         self._pending_train = _metric_dicts(records)
         return aggregate_metricrecords(records, weighted_by_key)
 
-    def evaluate(
-        self, records: list[RecordDict], weighted_by_key: str
-    ) -> MetricRecord:
+    def evaluate(self, records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
         """Record the evaluate replies' metrics and return their weighted average."""
         self._pending_evaluate = _metric_dicts(records)
         return aggregate_metricrecords(records, weighted_by_key)

@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 def central_evaluator(config: dict[str, Any]):
     """Evaluate global arrays on the server-held synthetic test set."""
     task = get_task(config["task"])
-    dataset = central_test_dataset(config["task"], int(config["data.num-sites"]), config)
+    dataset = central_test_dataset(
+        config["task"], int(config["data.num-sites"]), config
+    )
     loader = DataLoader(dataset, batch_size=int(config["train.batch-size"]))
     model = model_from_config(config)
     dev = device()
@@ -81,7 +83,7 @@ def run_experiment(grid: Grid, context: Context, config: dict[str, Any]) -> dict
 
 
 def make_server_app(**overrides: Any) -> ServerApp:
-    """Create the ServerApp; ``overrides`` (dotted run-config keys) win over the run config.
+    """Create the ServerApp; ``overrides`` (dotted keys) win over the run config.
 
     Example: ``make_server_app(**{"num-server-rounds": 2, "strategy.name": "krum"})``.
     """

@@ -39,7 +39,7 @@ from flower_medimg.server_app import make_server_app
 
 def federated(config: dict, num_sites: int, out: Path) -> dict:
     run_simulation(
-        server_app=make_server_app(**config, **{"output-dir": str(out)}),
+        server_app=make_server_app(**{**config, "output-dir": str(out)}),
         client_app=make_client_app(**config),
         num_supernodes=num_sites,
         # 2 CPUs per client: sites train one after another, so the sum of their
@@ -78,7 +78,7 @@ def pooled(config: dict, num_sites: int, total_steps: int) -> dict:
     started = time.perf_counter()
     train_local(model, loader, task.loss_fn(), optimizer, epochs, device)
     if remainder:
-        first = [batch for _, batch in zip(range(remainder), loader)]
+        first = [batch for _, batch in zip(range(remainder), loader, strict=False)]
         train_local(model, first, task.loss_fn(), optimizer, 1, device)
     seconds = time.perf_counter() - started
     test = DataLoader(
@@ -113,7 +113,7 @@ def main() -> None:
         + sum(c["eval-time-s"] for c in r["clients-evaluate"])
         for r in rounds
     ]
-    overhead = [w / c for w, c in zip(wall, compute)]
+    overhead = [w / c for w, c in zip(wall, compute, strict=True)]
 
     print(f"sites={args.sites} rounds={args.rounds} strategy={config['strategy.name']}")
     print(f"local updates in total (federated = pooled): {total_steps}")
@@ -121,14 +121,22 @@ def main() -> None:
     print(f"federated Dice        : {fed_dice:.4f}")
     print(f"pooled Dice           : {pooled_metrics['dice']:.4f}")
     print(f"federated / pooled    : {fed_dice / pooled_metrics['dice']:.4f}")
-    print(f"federated HD95 / pooled HD95: {rounds[-1]['central']['hd95']:.2f} / "
-          f"{pooled_metrics['hd95']:.2f}")
-    print(f"wall time per round   : median {statistics.median(wall):.2f} s "
-          f"(first {wall[0]:.2f} s)")
-    print(f"Flower overhead (round wall / sum of site compute): median "
-          f"{statistics.median(overhead):.2f}x (first round {overhead[0]:.2f}x)")
-    print(f"whole federated run incl. runtime start/stop: {federated_seconds:.1f} s; "
-          f"pooled training: {pooled_metrics['train-time-s']:.1f} s")
+    print(
+        f"federated HD95 / pooled HD95: {rounds[-1]['central']['hd95']:.2f} / "
+        f"{pooled_metrics['hd95']:.2f}"
+    )
+    print(
+        f"wall time per round   : median {statistics.median(wall):.2f} s "
+        f"(first {wall[0]:.2f} s)"
+    )
+    print(
+        f"Flower overhead (round wall / sum of site compute): median "
+        f"{statistics.median(overhead):.2f}x (first round {overhead[0]:.2f}x)"
+    )
+    print(
+        f"whole federated run incl. runtime start/stop: {federated_seconds:.1f} s; "
+        f"pooled training: {pooled_metrics['train-time-s']:.1f} s"
+    )
 
 
 if __name__ == "__main__":

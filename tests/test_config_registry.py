@@ -46,8 +46,17 @@ def test_section_strips_prefix():
 
 
 FLOWER_NAMES = [
-    "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
-    "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedavgm",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
 ]
 
 
@@ -81,6 +90,8 @@ def test_unknown_strategy_lists_valid_names():
 
 
 def test_unknown_parameter_lists_valid_ones():
-    with pytest.raises(ValueError, match="has no parameter 'proximal-mu'.*fraction-train"):
+    with pytest.raises(
+        ValueError, match="has no parameter 'proximal-mu'.*fraction-train"
+    ):
         build_strategy("fedavg", {"proximal-mu": 0.1})
     assert "proximal-mu" in strategy_parameters("fedprox")

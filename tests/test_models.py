@@ -61,7 +61,9 @@ def test_same_seed_same_weights():
     a = build_model("segmentation", "unet", channels="4,8")
     torch.manual_seed(3)
     b = build_model("segmentation", "unet", channels="4,8")
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(
+        a.state_dict().items(), b.state_dict().items(), strict=True
+    ):
         assert ka == kb
         assert torch.equal(va, vb)
 

@@ -1,5 +1,6 @@
 """End to end in Flower's own runtimes: the Ray simulation engine and `flwr run .`."""
 
+import contextlib
 import json
 import os
 import signal
@@ -12,8 +13,8 @@ import torch
 from flwr.simulation import run_simulation
 
 from flower_medimg.client_apps import make_client_app
-from flower_medimg.models import model_from_config
 from flower_medimg.config import resolve_config
+from flower_medimg.models import model_from_config
 from flower_medimg.outputs import load_global_model
 from flower_medimg.server_app import make_server_app
 
@@ -71,10 +72,8 @@ def _kill_superlink(flwr_home: Path) -> None:
         check=False,
     )
     for pid in found.stdout.split():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.mark.slow

@@ -17,13 +17,15 @@ from flower_medimg.models import build_model
 def _seg_batches(num=8, size=32, batch=4, seed=0):
     rng = np.random.default_rng(seed)
     batches = []
-    for start in range(0, num, batch):
+    for _ in range(0, num, batch):
         labels = np.zeros((batch, 1, size, size), np.float32)
         for i in range(batch):
             r, c = rng.integers(6, size - 6, 2)
             labels[i, 0, r - 4 : r + 4, c - 4 : c + 4] = 1
         images = labels * 0.8 + rng.normal(0, 0.1, labels.shape).astype(np.float32)
-        batches.append({"image": torch.from_numpy(images), "label": torch.from_numpy(labels)})
+        batches.append(
+            {"image": torch.from_numpy(images), "label": torch.from_numpy(labels)}
+        )
     return batches
 
 
@@ -91,7 +93,9 @@ def test_classification_metrics_hand_computed():
 def test_classification_loss_goes_down():
     torch.manual_seed(0)
     task = get_task("classification")
-    model = build_model("classification", "resnet10", norm="batch", channels="8,8,16,16")
+    model = build_model(
+        "classification", "resnet10", norm="batch", channels="8,8,16,16"
+    )
     x = torch.rand(16, 1, 32, 32)
     y = torch.tensor([0, 1] * 8)
     x[y == 1] += 1.0

@@ -31,12 +31,12 @@ __all__ = ["device", "make_client_app", "site_seed"]
 
 
 def device() -> torch.device:
-    """The GPU when there is one, else the CPU."""
+    """Return the GPU when there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def site_seed(config: Mapping[str, Any], context: Context, server_round: int) -> int:
-    """A seed that differs per site and round but repeats across identical runs."""
+    """Return a seed that differs per site and round but repeats across runs."""
     site = int(context.node_config.get("partition-id", context.node_id % 100_000))
     return int(config["seed"]) * 1_000_003 + server_round * 1_009 + site
 
@@ -95,9 +95,7 @@ def _train(msg: Message, context: Context, config: dict[str, Any]) -> Message:
         }
     )
     arrays = ArrayRecord(model.cpu().state_dict())
-    return Message(
-        RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg
-    )
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
 def _evaluate(msg: Message, context: Context, config: dict[str, Any]) -> Message:

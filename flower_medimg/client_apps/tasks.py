@@ -120,7 +120,7 @@ class ClassificationTask(Task):
     def evaluate(
         self, model: torch.nn.Module, batches: Iterable[dict], device: torch.device
     ) -> dict[str, float]:
-        """Return ``eval-loss``, ``accuracy``, ``auroc``, ``sensitivity``, ``specificity``."""
+        """Return ``eval-loss``, accuracy, AUROC, sensitivity and specificity."""
         model.eval()
         loss_fn = self.loss_fn()
         all_logits, all_labels = [], []

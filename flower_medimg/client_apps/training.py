@@ -7,7 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LocalTrainingResult", "make_optimizer", "mean_loss", "nova_a", "train_local"]
+__all__ = [
+    "LocalTrainingResult",
+    "make_optimizer",
+    "mean_loss",
+    "nova_a",
+    "train_local",
+]
 
 OPTIMIZERS = ("adam", "sgd")
 

@@ -28,7 +28,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
 
 
 def strategy_parameters(name: str) -> list[str]:
-    """Constructor parameters of strategy ``name`` in run-config spelling."""
+    """Return the constructor parameters of ``name`` in run-config spelling."""
     signature = inspect.signature(_strategy_class(name).__init__)
     return [
         p.replace("_", "-")
