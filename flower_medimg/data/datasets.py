@@ -1,0 +1,483 @@
+"""MONAI datasets for one site, from files (deployment) or synthetic (simulation).
+
+:func:`site_datasets` is the one entry point a ClientApp needs: it reads the site's
+``node_config`` and returns ``(train, validation)`` datasets whose items are
+``{"image": float32 tensor (1, *spatial), "label": ...}`` -- a float mask
+``(1, *spatial)`` in ``{0, 1}`` for segmentation, a long scalar for classification --
+whether the images come from a site folder or are generated in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.data import Dataset
+from monai.transforms import (
+    AsDiscreted,
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Resized,
+    ScaleIntensityd,
+)
+
+from flower_medimg.data.site_folder import DATALIST_NAME, SPLITS, load_datalist
+from flower_medimg.data.synthetic import TASKS, synthetic_site, synthetic_test_set
+
+__all__ = [
+    "DATA_DEFAULTS",
+    "EnsureSpatialDimsd",
+    "ImageReadError",
+    "LoadSiteImaged",
+    "SiteDataset",
+    "central_test_dataset",
+    "clear_data_cache",
+    "make_dataset",
+    "site_datasets",
+    "site_transforms",
+    "synthetic_settings",
+]
+
+DATA_DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "model.spatial-dims": 2,
+    "data.image-size": 64,
+    "data.samples-per-site": 32,
+    "data.val-fraction": 0.25,
+    "data.quantity-skew": 0.5,
+    "data.scanner-shift": 1.0,
+    "data.label-skew": 0.0,
+    "data.num-classes": 2,
+}
+"""Run-config keys the data layer reads, with their defaults."""
+
+# run-config key -> (synthetic_site keyword, type)
+_SYNTHETIC_KEYS: dict[str, tuple[str, type]] = {
+    "seed": ("seed", int),
+    "model.spatial-dims": ("spatial_dims", int),
+    "data.image-size": ("image_size", int),
+    "data.samples-per-site": ("samples_per_site", int),
+    "data.val-fraction": ("val_fraction", float),
+    "data.quantity-skew": ("quantity_skew", float),
+    "data.scanner-shift": ("scanner_shift", float),
+    "data.label-skew": ("label_skew", float),
+    "data.num-classes": ("num_classes", int),
+}
+
+_CACHE_SIZE = 16
+
+
+class ImageReadError(RuntimeError):
+    """An image or label file that cannot be read, or does not fit the task.
+
+    Parameters
+    ----------
+    message : str
+        What went wrong; names the file.
+    path : str, optional
+        The offending file.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class LoadSiteImaged(MapTransform):
+    """:class:`monai.transforms.LoadImaged` that names the file a reader fails on.
+
+    MONAI picks the reader from the file suffix (NIfTI via nibabel, DICOM via pydicom,
+    PNG/JPEG via PIL, ...). Any reader error is re-raised as :class:`ImageReadError`
+    whose message names the key and the file.
+
+    Parameters
+    ----------
+    keys : KeysCollection
+        Keys of the file paths to load.
+    allow_missing_keys : bool
+        Don't raise if a key is missing.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self._loaders = {key: LoadImaged(key, image_only=True) for key in self.keys}
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Load the image of every key, naming the file on failure."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            try:
+                d = self._loaders[key](d)
+            except Exception as err:
+                raise ImageReadError(
+                    f"cannot read {key} file {d[key]}: {type(err).__name__}: {err}",
+                    path=str(d[key]),
+                ) from err
+        return d
+
+
+class EnsureSpatialDimsd(MapTransform):
+    """Bring channel-first loaded images to one channel and ``spatial_dims`` dims.
+
+    Applied after :class:`monai.transforms.EnsureChannelFirstd`, it fixes what real
+    files bring: trailing singleton dims (a 2D slice stored as ``(H, W, 1)``),
+    channel-last colour that the reader did not flag (RGB DICOM arrives as
+    ``(1, H, W, 3)``), and several channels (RGB PNG). Images become the mean of their
+    colour channels, labels keep their first channel. A file whose spatial
+    dimensionality still differs raises :class:`ImageReadError` naming it.
+
+    Parameters
+    ----------
+    keys : KeysCollection
+        Keys to fix.
+    spatial_dims : int
+        Expected number of spatial dims (2 or 3).
+    label_keys : KeysCollection
+        Keys among ``keys`` that are label maps (first channel kept, never averaged).
+    allow_missing_keys : bool
+        Don't raise if a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spatial_dims: int,
+        label_keys: KeysCollection = (),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_dims = spatial_dims
+        self.label_keys = (label_keys,) if isinstance(label_keys, str) else label_keys
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Fix the channel and spatial dims of every key."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.ndim - 1 > self.spatial_dims and img.shape[-1] == 1:
+                img = img.reshape(img.shape[:-1])
+            if (
+                self.spatial_dims == 2
+                and img.ndim == 4
+                and img.shape[0] == 1
+                and img.shape[-1] in (3, 4)
+            ):
+                img = torch.movedim(img[0], -1, 0)
+            if img.ndim - 1 != self.spatial_dims:
+                name = getattr(img, "meta", {}).get("filename_or_obj", "?")
+                raise ImageReadError(
+                    f"{key} file {name} has shape {tuple(img.shape)} after loading; "
+                    f"expected one channel and {self.spatial_dims} spatial dims.",
+                    path=str(name),
+                )
+            if img.shape[0] > 1:
+                if key in self.label_keys:
+                    img = img[:1]
+                else:
+                    img = img[:3].mean(dim=0, keepdim=True)
+            d[key] = img
+        return d
+
+
+class SiteDataset(Dataset):
+    """A :class:`monai.data.Dataset` whose file errors name the file.
+
+    MONAI's ``Compose`` wraps every transform error in ``RuntimeError("applying
+    transform ...")``; this dataset re-raises the :class:`ImageReadError` underneath
+    it, so that the top-level message names the unreadable file.
+    """
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as err:
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, ImageReadError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise ImageReadError(
+                f"item {index}: {cause}", path=cause.path
+            ) from cause.__cause__
+
+
+def _check(task: str, spatial_dims: int) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+
+
+def site_transforms(
+    task: str, spatial_dims: int, image_size: int, *, from_files: bool
+) -> Compose:
+    """Return the dictionary transforms that turn a site's items into tensors.
+
+    From files: :class:`LoadSiteImaged` (image, and label for segmentation),
+    ``EnsureChannelFirstd``, :class:`EnsureSpatialDimsd`, ``ScaleIntensityd`` (image
+    min-max to ``[0, 1]``), ``Resized`` to ``(image_size,) * spatial_dims`` (labels
+    nearest-neighbour). In memory the images already have the right size, so only the
+    intensity and type steps run. In both cases segmentation labels are binarised
+    (foreground = label ``>= 0.5``) and ``EnsureTyped`` returns plain tensors.
+
+    Parameters
+    ----------
+    task : str
+        ``"segmentation"`` or ``"classification"``.
+    spatial_dims : int
+        2 or 3.
+    image_size : int
+        Side length of the output images.
+    from_files : bool
+        Whether ``"image"`` (and a segmentation ``"label"``) are file paths.
+
+    Returns
+    -------
+    monai.transforms.Compose
+        Output items: ``"image"`` float32 ``(1, *spatial)``; ``"label"`` float32
+        ``(1, *spatial)`` in ``{0, 1}`` (segmentation) or a long scalar.
+    """
+    _check(task, spatial_dims)
+    segmentation = task == "segmentation"
+    file_keys = ("image", "label") if segmentation else ("image",)
+    transforms: list = []
+    if from_files:
+        linear = "bilinear" if spatial_dims == 2 else "trilinear"
+        transforms += [
+            LoadSiteImaged(file_keys),
+            EnsureChannelFirstd(file_keys),
+            EnsureSpatialDimsd(file_keys, spatial_dims, label_keys="label"),
+            ScaleIntensityd("image"),
+            Resized(
+                file_keys,
+                spatial_size=(image_size,) * spatial_dims,
+                mode=(linear, "nearest")[: len(file_keys)],
+                anti_aliasing=(True, False)[: len(file_keys)],
+            ),
+        ]
+    else:
+        transforms.append(ScaleIntensityd("image"))
+    if segmentation:
+        transforms.append(AsDiscreted("label", threshold=0.5))
+    label_dtype = torch.float32 if segmentation else torch.long
+    transforms.append(
+        EnsureTyped(
+            ("image", "label"), dtype=(torch.float32, label_dtype), track_meta=False
+        )
+    )
+    return Compose(transforms)
+
+
+def make_dataset(
+    items: list[dict],
+    task: str,
+    spatial_dims: int,
+    image_size: int,
+    *,
+    from_files: bool,
+) -> Dataset:
+    """Wrap a site's items in a :class:`SiteDataset` with :func:`site_transforms`.
+
+    Parameters
+    ----------
+    items : list[dict]
+        ``{"image": ..., "label": ...}`` items: file paths (``from_files=True``, e.g.
+        from :func:`~flower_medimg.data.site_folder.load_datalist`) or arrays (from
+        :func:`~flower_medimg.data.synthetic.synthetic_site`).
+    task : str
+        ``"segmentation"`` or ``"classification"``.
+    spatial_dims : int
+        2 or 3.
+    image_size : int
+        Side length of the output images.
+    from_files : bool
+        Whether the items hold file paths.
+
+    Returns
+    -------
+    monai.data.Dataset
+        The dataset; reading an unreadable file raises :class:`ImageReadError` naming
+        it.
+    """
+    transform = site_transforms(task, spatial_dims, image_size, from_files=from_files)
+    return SiteDataset(data=items, transform=transform)
+
+
+def synthetic_settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the :func:`~flower_medimg.data.synthetic.synthetic_site` keywords.
+
+    Parameters
+    ----------
+    run_config : Mapping[str, Any]
+        Flower run config (flat dotted keys); missing keys take
+        :data:`DATA_DEFAULTS`.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``seed``, ``spatial_dims``, ``image_size``, ``samples_per_site``,
+        ``val_fraction``, ``quantity_skew``, ``scanner_shift``, ``label_skew`` and
+        ``num_classes``, cast to their types.
+    """
+    settings = {}
+    for key, (name, kind) in _SYNTHETIC_KEYS.items():
+        value = run_config.get(key, DATA_DEFAULTS[key])
+        try:
+            settings[name] = kind(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"run config key {key!r} must be {kind.__name__}, got {value!r}."
+            ) from err
+    return settings
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _synthetic_datasets(
+    task: str,
+    partition_id: int,
+    num_partitions: int,
+    settings: tuple[tuple[str, Any], ...],
+) -> tuple[Dataset, Dataset]:
+    kwargs = dict(settings)
+    site = synthetic_site(task, partition_id, num_partitions, **kwargs)
+    dims, size = kwargs["spatial_dims"], kwargs["image_size"]
+    train, val = (
+        make_dataset(site[split], task, dims, size, from_files=False)
+        for split in SPLITS
+    )
+    return train, val
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _folder_datasets(
+    task: str,
+    data_dir: str,
+    datalist: str,
+    spatial_dims: int,
+    image_size: int,
+    modified_ns: int,
+) -> tuple[Dataset, Dataset]:
+    del modified_ns  # part of the cache key only: an edited datalist is re-read
+    items = load_datalist(data_dir, task, datalist)
+    train, val = (
+        make_dataset(items[split], task, spatial_dims, image_size, from_files=True)
+        for split in SPLITS
+    )
+    return train, val
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _central_dataset(
+    task: str, num_sites: int, settings: tuple[tuple[str, Any], ...]
+) -> Dataset:
+    kwargs = dict(settings)
+    items = synthetic_test_set(task, num_sites, **kwargs)
+    dims, size = kwargs["spatial_dims"], kwargs["image_size"]
+    return make_dataset(items, task, dims, size, from_files=False)
+
+
+def clear_data_cache() -> None:
+    """Forget the datasets cached by :func:`site_datasets` and friends."""
+    _synthetic_datasets.cache_clear()
+    _folder_datasets.cache_clear()
+    _central_dataset.cache_clear()
+
+
+def site_datasets(
+    task: str, node_config: Mapping[str, Any], run_config: Mapping[str, Any]
+) -> tuple[Dataset, Dataset]:
+    """Return a site's ``(train, validation)`` datasets: the ClientApp's entry point.
+
+    * Deployment / real data: ``node_config["data-dir"]`` is a site folder;
+      its datalist (``node_config["datalist"]``, default ``dataset.json``) is read by
+      :func:`~flower_medimg.data.site_folder.load_datalist` and images are loaded from
+      the files and resized to ``data.image-size``.
+    * Simulation: ``node_config["partition-id"]`` and ``["num-partitions"]`` pick a
+      synthetic site, generated in memory from the run config (see
+      :data:`DATA_DEFAULTS` and :func:`synthetic_settings`).
+
+    Results are cached in-process by their arguments, so later rounds in the same
+    process reuse the data instead of regenerating or re-reading the datalist (an
+    edited datalist file is picked up).
+
+    Parameters
+    ----------
+    task : str
+        ``"segmentation"`` or ``"classification"``.
+    node_config : Mapping[str, Any]
+        The SuperNode's node config.
+    run_config : Mapping[str, Any]
+        The run config (flat dotted keys).
+
+    Returns
+    -------
+    tuple[monai.data.Dataset, monai.data.Dataset]
+        Training and validation datasets.
+
+    Raises
+    ------
+    ValueError
+        If ``node_config`` has neither ``data-dir`` nor ``partition-id`` and
+        ``num-partitions``.
+    """
+    settings = synthetic_settings(run_config)
+    if "data-dir" in node_config:
+        data_dir = Path(str(node_config["data-dir"])).expanduser().resolve()
+        datalist = str(node_config.get("datalist", DATALIST_NAME))
+        json_path = data_dir / datalist
+        modified = json_path.stat().st_mtime_ns if json_path.is_file() else -1
+        return _folder_datasets(
+            task,
+            str(data_dir),
+            datalist,
+            settings["spatial_dims"],
+            settings["image_size"],
+            modified,
+        )
+    if "partition-id" in node_config:
+        if "num-partitions" not in node_config:
+            raise ValueError(
+                "node_config has 'partition-id' but no 'num-partitions'; a simulated "
+                "site needs both."
+            )
+        return _synthetic_datasets(
+            task,
+            int(node_config["partition-id"]),
+            int(node_config["num-partitions"]),
+            tuple(sorted(settings.items())),
+        )
+    raise ValueError(
+        "node_config must name the site's data: 'data-dir' (a site folder with "
+        f"{DATALIST_NAME}, for deployment) or 'partition-id' and 'num-partitions' "
+        f"(simulation); got keys {sorted(node_config)}."
+    )
+
+
+def central_test_dataset(
+    task: str, num_sites: int, run_config: Mapping[str, Any]
+) -> Dataset:
+    """Return the server-held synthetic test set: all sites' validation images.
+
+    Parameters
+    ----------
+    task : str
+        ``"segmentation"`` or ``"classification"``.
+    num_sites : int
+        Number of simulated sites (``num-partitions`` of the clients).
+    run_config : Mapping[str, Any]
+        The run config, read like :func:`site_datasets` does.
+
+    Returns
+    -------
+    monai.data.Dataset
+        In-memory dataset of :func:`~flower_medimg.data.synthetic.synthetic_test_set`.
+    """
+    settings = synthetic_settings(run_config)
+    return _central_dataset(task, int(num_sites), tuple(sorted(settings.items())))

@@ -1,0 +1,190 @@
+"""site_datasets: the ClientApp's one entry point, simulation and deployment paths."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from flower_medimg.data import (
+    DATA_DEFAULTS,
+    central_test_dataset,
+    clear_data_cache,
+    site_datasets,
+    synthetic_settings,
+    synthetic_site,
+    write_synthetic_sites,
+)
+
+# MONAI notes once per LoadImage that its optional GPU DICOM decoder is absent.
+pytestmark = pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader:UserWarning")
+
+RUN_CONFIG = {"data.image-size": 16, "data.samples-per-site": 8, "seed": 3}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    clear_data_cache()
+    yield
+    clear_data_cache()
+
+
+def test_settings_from_run_config():
+    defaults = synthetic_settings({})
+    assert defaults == {
+        "seed": 0,
+        "spatial_dims": 2,
+        "image_size": 64,
+        "samples_per_site": 32,
+        "val_fraction": 0.25,
+        "quantity_skew": 0.5,
+        "scanner_shift": 1.0,
+        "label_skew": 0.0,
+        "num_classes": 2,
+    }
+    assert set(DATA_DEFAULTS) == {
+        "seed",
+        "model.spatial-dims",
+        "data.image-size",
+        "data.samples-per-site",
+        "data.val-fraction",
+        "data.quantity-skew",
+        "data.scanner-shift",
+        "data.label-skew",
+        "data.num-classes",
+    }
+    settings = synthetic_settings({"model.spatial-dims": 3, "data.label-skew": 1})
+    assert settings["spatial_dims"] == 3 and settings["label_skew"] == 1.0
+    with pytest.raises(ValueError, match="data.image-size"):
+        synthetic_settings({"data.image-size": "big"})
+
+
+@pytest.mark.parametrize("task", ["segmentation", "classification"])
+def test_partition_path_matches_synthetic_site(task):
+    node_config = {"partition-id": 1, "num-partitions": 3}
+    train, val = site_datasets(task, node_config, RUN_CONFIG)
+    site = synthetic_site(task, 1, 3, **synthetic_settings(RUN_CONFIG))
+    assert len(train) == len(site["training"]) and len(val) == len(site["validation"])
+    item = train[0]
+    assert type(item["image"]) is torch.Tensor  # plain tensors, not MetaTensor
+    assert item["image"].shape == (1, 16, 16) and item["image"].dtype == torch.float32
+    if task == "segmentation":
+        assert item["label"].shape == (1, 16, 16)
+        assert item["label"].dtype == torch.float32
+        np.testing.assert_array_equal(
+            item["label"].numpy(), site["training"][0]["label"]
+        )
+    else:
+        assert item["label"].dtype == torch.long and item["label"].ndim == 0
+        assert int(item["label"]) == site["training"][0]["label"]
+    batch = next(iter(torch.utils.data.DataLoader(train, batch_size=4)))
+    assert batch["image"].shape == (4, 1, 16, 16)
+
+
+def test_partition_path_is_cached_per_arguments():
+    node_config = {"partition-id": 0, "num-partitions": 2}
+    first = site_datasets("segmentation", node_config, RUN_CONFIG)
+    assert site_datasets("segmentation", dict(node_config), dict(RUN_CONFIG)) is first
+    other = site_datasets(
+        "segmentation", {"partition-id": 1, "num-partitions": 2}, RUN_CONFIG
+    )
+    assert other is not first
+    changed = site_datasets("segmentation", node_config, {**RUN_CONFIG, "seed": 4})
+    assert changed is not first
+    clear_data_cache()
+    again = site_datasets("segmentation", node_config, RUN_CONFIG)
+    assert again is not first
+    np.testing.assert_array_equal(again[0][0]["image"], first[0][0]["image"])
+
+
+def test_sites_differ_in_simulation():
+    a, _ = site_datasets(
+        "segmentation", {"partition-id": 0, "num-partitions": 2}, RUN_CONFIG
+    )
+    b, _ = site_datasets(
+        "segmentation", {"partition-id": 1, "num-partitions": 2}, RUN_CONFIG
+    )
+    assert not torch.equal(a[0]["image"], b[0]["image"])
+
+
+@pytest.mark.parametrize("task", ["segmentation", "classification"])
+def test_data_dir_path_matches_simulation(tmp_path, task):
+    settings = synthetic_settings(RUN_CONFIG)
+    folders = write_synthetic_sites(tmp_path, task, 2, **settings)
+    assert folders == [tmp_path / "site-0", tmp_path / "site-1"]
+    files = site_datasets(task, {"data-dir": str(folders[1])}, RUN_CONFIG)
+    memory = site_datasets(task, {"partition-id": 1, "num-partitions": 2}, RUN_CONFIG)
+    for from_files, in_memory in zip(files, memory, strict=True):
+        assert len(from_files) == len(in_memory)
+        for index in range(len(in_memory)):
+            got, want = from_files[index], in_memory[index]
+            assert type(got["image"]) is torch.Tensor
+            torch.testing.assert_close(got["image"], want["image"], atol=1e-6, rtol=0)
+            assert torch.equal(got["label"], want["label"])
+
+
+def test_data_dir_path_rereads_an_edited_datalist(tmp_path):
+    folder = write_synthetic_sites(
+        tmp_path, "classification", 1, **synthetic_settings(RUN_CONFIG)
+    )[0]
+    train, _ = site_datasets("classification", {"data-dir": folder}, RUN_CONFIG)
+    assert site_datasets("classification", {"data-dir": folder}, RUN_CONFIG)[0] is train
+    json_path = folder / "dataset.json"
+    json_path.write_text(
+        json_path.read_text().replace('"training": [', '"training": [\n')
+    )
+    stat = json_path.stat()
+    os.utime(json_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert (
+        site_datasets("classification", {"data-dir": folder}, RUN_CONFIG)[0]
+        is not train
+    )
+
+
+def test_data_dir_with_custom_datalist_name(tmp_path):
+    folder = write_synthetic_sites(
+        tmp_path, "segmentation", 1, **synthetic_settings(RUN_CONFIG)
+    )[0]
+    (folder / "dataset.json").rename(folder / "site.json")
+    with pytest.raises(FileNotFoundError, match="dataset.json"):
+        site_datasets("segmentation", {"data-dir": str(folder)}, RUN_CONFIG)
+    node_config = {"data-dir": str(folder), "datalist": "site.json"}
+    train, val = site_datasets("segmentation", node_config, RUN_CONFIG)
+    assert len(train) > 0 and len(val) > 0
+
+
+def test_node_config_without_data_source():
+    with pytest.raises(
+        ValueError, match="'data-dir'.*'partition-id'.*'num-partitions'"
+    ):
+        site_datasets("segmentation", {"state-dir": "/tmp"}, RUN_CONFIG)
+    with pytest.raises(ValueError, match="num-partitions"):
+        site_datasets("segmentation", {"partition-id": 0}, RUN_CONFIG)
+
+
+def test_3d_simulation():
+    run_config = {**RUN_CONFIG, "model.spatial-dims": 3, "data.samples-per-site": 4}
+    train, val = site_datasets(
+        "segmentation", {"partition-id": 0, "num-partitions": 1}, run_config
+    )
+    assert train[0]["image"].shape == train[0]["label"].shape == (1, 16, 16, 16)
+
+
+def test_central_test_dataset_is_all_validation_splits():
+    test_set = central_test_dataset("classification", 3, RUN_CONFIG)
+    sizes = [
+        len(
+            site_datasets(
+                "classification", {"partition-id": k, "num-partitions": 3}, RUN_CONFIG
+            )[1]
+        )
+        for k in range(3)
+    ]
+    assert len(test_set) == sum(sizes)
+    last_val = site_datasets(
+        "classification", {"partition-id": 2, "num-partitions": 3}, RUN_CONFIG
+    )[1]
+    assert torch.equal(
+        test_set[len(test_set) - 1]["image"], last_val[len(last_val) - 1]["image"]
+    )
+    assert central_test_dataset("classification", 3, RUN_CONFIG) is test_set
