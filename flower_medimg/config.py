@@ -20,6 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "output-dir": "outputs",
     "central-eval": True,
     "round-timeout": 600.0,
+    "node-wait-timeout": 300.0,
     "model.name": "unet",
     "model.spatial-dims": 2,
     "model.norm": "instance",

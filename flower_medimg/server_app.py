@@ -19,6 +19,7 @@ from flower_medimg.client_apps.tasks import get_task
 from flower_medimg.config import resolve_config, section
 from flower_medimg.data import central_test_dataset
 from flower_medimg.models import model_from_config
+from flower_medimg.node_deadline import NodeDeadlineGrid
 from flower_medimg.outputs import RoundRecorder, make_run_dir, write_outputs
 from flower_medimg.strategies.registry import build_strategy
 
@@ -63,9 +64,12 @@ def run_experiment(grid: Grid, context: Context, config: dict[str, Any]) -> dict
     run_dir = make_run_dir(config["output-dir"], f"run-{context.run_id}")
     logger.info("flower-medimg: writing outputs to %s", run_dir)
 
+    required_nodes = max(
+        int(params.get("min-available-nodes", 0)), int(params.get("min-train-nodes", 0))
+    )
     num_rounds = int(config["num-server-rounds"])
     result = strategy.start(
-        grid=grid,
+        grid=NodeDeadlineGrid(grid, required_nodes, float(config["node-wait-timeout"])),
         initial_arrays=initial_arrays,
         num_rounds=num_rounds,
         timeout=float(config["round-timeout"]),

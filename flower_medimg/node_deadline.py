@@ -1,0 +1,78 @@
+"""Never wait forever for sites: a deadline on Flower's wait for connected nodes.
+
+Flower's strategies sample nodes with ``sample_nodes``, which polls
+``grid.get_node_ids()`` once a second until ``min_available_nodes`` are connected,
+without a time limit: a federation whose hospitals went offline hangs for ever.
+:class:`NodeDeadlineGrid` wraps the Grid handed to ``Strategy.start`` and raises a
+clear error once too few nodes have been connected for longer than the deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.serverapp import Grid
+
+__all__ = ["NodeDeadlineGrid", "TooFewNodesError"]
+
+logger = logging.getLogger(__name__)
+
+
+class TooFewNodesError(RuntimeError):
+    """Fewer nodes than required stayed connected for longer than the deadline."""
+
+
+class NodeDeadlineGrid:
+    """A Grid that gives up waiting for ``required_nodes`` after ``timeout`` seconds.
+
+    Every other attribute is the wrapped Grid's.
+
+    Parameters
+    ----------
+    grid : Grid
+        The Grid Flower hands to the ServerApp.
+    required_nodes : int
+        Nodes the strategy needs (``max(min_available_nodes, min_train_nodes)``).
+    timeout : float
+        Seconds a shortfall may last before :class:`TooFewNodesError` is raised.
+    clock : callable, optional
+        Monotonic clock (for tests).
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        required_nodes: int,
+        timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._grid = grid
+        self.required_nodes = required_nodes
+        self.timeout = timeout
+        self._clock = clock
+        self._short_since: float | None = None
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Return the connected node ids; raise once a shortfall outlasts the timeout."""
+        node_ids = list(self._grid.get_node_ids())
+        if len(node_ids) >= self.required_nodes:
+            self._short_since = None
+            return node_ids
+        now = self._clock()
+        if self._short_since is None:
+            self._short_since = now
+        waited = now - self._short_since
+        if waited > self.timeout:
+            raise TooFewNodesError(
+                f"Only {len(node_ids)} node(s) connected but the strategy needs "
+                f"{self.required_nodes} (strategy.min-available-nodes / "
+                f"strategy.min-train-nodes); gave up after {waited:.0f} s "
+                f"(node-wait-timeout = {self.timeout:g} s)."
+            )
+        return node_ids
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
