@@ -56,7 +56,7 @@ class NodeDeadlineGrid:
         self._short_since: float | None = None
 
     def get_node_ids(self) -> Iterable[int]:
-        """Return the connected node ids; raise once a shortfall outlasts the timeout."""
+        """Return the connected node ids; raise if a shortfall outlasts the timeout."""
         node_ids = list(self._grid.get_node_ids())
         if len(node_ids) >= self.required_nodes:
             self._short_since = None
