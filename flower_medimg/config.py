@@ -44,6 +44,12 @@ DEFAULTS: dict[str, Any] = {
     "strategy.min-train-nodes": 2,
     "strategy.min-evaluate-nodes": 2,
     "strategy.min-available-nodes": 2,
+    "private-params": "none",
+    "dp.noise-multiplier": 0.0,
+    "dp.target-epsilon": 0.0,
+    "dp.max-grad-norm": 1.0,
+    "dp.delta": 1e-5,
+    "dp.grad-sample-mode": "hooks",
     "attack.kind": "none",
     "attack.sites": "",
 }

@@ -14,6 +14,7 @@ from functools import reduce
 
 import torch
 from monai.networks import nets
+from opacus.validators import ModuleValidator
 
 __all__ = [
     "CLASSIFICATION_MODELS",
@@ -25,6 +26,9 @@ __all__ = [
 ]
 
 NORMS = ("batch", "instance", "group")
+
+#: ReLU without ``inplace``: Opacus's per-sample gradients (DP-SGD) need it.
+_RELU = ("relu", {"inplace": False})
 
 
 def _norm_spec(norm: str, channels: Sequence[int]) -> str | tuple:
@@ -93,6 +97,7 @@ def _segresnet(
         in_channels=in_channels,
         out_channels=out_channels,
         init_filters=init_filters,
+        act=_RELU,
         norm=_norm_spec(norm, [init_filters]),
     )
 
@@ -109,6 +114,7 @@ def _densenet121(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         out_channels=out_channels,
+        act=_RELU,
         norm=_norm_spec(norm, [32, 64]),
     )
 
@@ -133,6 +139,7 @@ def _resnet(layers: list[int]) -> Callable[..., torch.nn.Module]:
             num_classes=out_channels,
             conv1_t_size=7,
             conv1_t_stride=2,
+            act=_RELU,
             norm=_norm_spec(norm, inplanes),
         )
 
@@ -217,9 +224,26 @@ def build_model(
 
 
 def model_from_config(config: dict) -> torch.nn.Module:
-    """Build the network described by a resolved run config (dotted keys)."""
+    """Build the network described by a resolved run config (dotted keys).
+
+    The weights are initialised from the run's ``seed``, so the ServerApp and every
+    ClientApp build the same initial model (private parameters start from the same
+    values everywhere). With DP-SGD on, layers Opacus cannot handle are replaced
+    (BatchNorm becomes GroupNorm) on both sides.
+    """
     task = config["task"]
     out_channels = config["data.num-classes"] if task == "classification" else 2
+    with torch.random.fork_rng():
+        torch.manual_seed(int(config["seed"]))
+        model = _build_from_config(config, task, int(out_channels))
+    if float(config.get("dp.noise-multiplier", 0)) or float(
+        config.get("dp.target-epsilon", 0)
+    ):
+        model = ModuleValidator.fix(model)
+    return model
+
+
+def _build_from_config(config: dict, task: str, out_channels: int) -> torch.nn.Module:
     return build_model(
         task,
         config["model.name"],

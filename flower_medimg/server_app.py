@@ -1,5 +1,8 @@
 """ServerApp: run config -> model -> strategy -> ``start`` -> outputs.
 
+The global model holds only the shared parameters: with ``private-params`` set, the
+initial arrays leave out the private keys, which stay at the sites.
+
 The same ServerApp serves Flower's simulation runtime (``flwr run .``) and its
 deployment runtime (SuperLink + one SuperNode per hospital).
 """
@@ -15,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from monai.data import DataLoader
 
 from flower_medimg.client_apps.app import device
+from flower_medimg.client_apps.private_params import private_keys, split_state
 from flower_medimg.client_apps.tasks import get_task
 from flower_medimg.config import resolve_config, section
 from flower_medimg.data import central_test_dataset
@@ -49,11 +53,20 @@ def run_experiment(grid: Grid, context: Context, config: dict[str, Any]) -> dict
     """Run one federated experiment and write its outputs; return the summary."""
     torch.manual_seed(int(config["seed"]))
     model = model_from_config(config)
-    initial_arrays = ArrayRecord(model.state_dict())
+    private = private_keys(model, config["private-params"])
+    shared, _ = split_state(model.state_dict(), private)
+    initial_arrays = ArrayRecord(shared)
 
-    recorder = RoundRecorder(
-        central_evaluator(config) if config["central-eval"] else None
-    )
+    central = None
+    if config["central-eval"] and private:
+        logger.info(
+            "flower-medimg: central evaluation skipped: the global model has no "
+            "private parameters (private-params=%s); see the sites' evaluation",
+            config["private-params"],
+        )
+    elif config["central-eval"]:
+        central = central_evaluator(config)
+    recorder = RoundRecorder(central)
     params = section(config, "strategy")
     strategy = build_strategy(
         params.pop("name"),

@@ -6,15 +6,26 @@ ClientApp into their own Flower project.
 
 Data comes from ``node_config``: in Flower's simulation runtime ``partition-id`` and
 ``num-partitions`` select a synthetic site; in deployment ``data-dir`` names the
-site's own folder (see :mod:`flower_medimg.data`).
+site's own folder (see :mod:`flower_medimg.data`). ``state-dir`` names the folder
+where the site keeps what must survive a restart (private parameters, the DP-SGD
+accountant) and ``dp-max-epsilon`` its privacy budget.
+
+Every train reply carries the same metric keys: ``num-examples`` (training
+samples), ``train-loss-before`` (the received model's loss on the local training
+data), ``train-loss-after``, ``local-steps``, ``nova-a`` (FedNova), ``unit-weight``
+(a constant 1, for uniform averaging with ``weighted_by_key="unit-weight"``),
+``train-time-s``, and ``dp-epsilon`` (the site's cumulative ε) when DP-SGD is on.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -24,6 +35,10 @@ from flower_medimg.config import resolve_config
 from flower_medimg.data import site_datasets
 from flower_medimg.models import model_from_config
 
+from .attacks import apply_attack, check_attack_kind, flip_labels
+from .dp_sgd import DPSettings, privatize
+from .private_params import private_keys, split_state
+from .site_state import SiteState
 from .tasks import get_task
 from .training import make_optimizer, mean_loss, nova_a, train_local
 
@@ -41,6 +56,52 @@ def site_seed(config: Mapping[str, Any], context: Context, server_round: int) ->
     return int(config["seed"]) * 1_000_003 + server_round * 1_009 + site
 
 
+def _private_state_name(config: Mapping[str, Any]) -> str:
+    """Name of this experiment's private parameters in the site state.
+
+    It depends on everything that shapes the network, so another model's private
+    values are never loaded into this one.
+    """
+    shape = {k: config[k] for k in sorted(config) if k.startswith("model.")}
+    shape.update(task=config["task"], private=config["private-params"])
+    shape["classes"] = config["data.num-classes"]
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+    return f"private-params-{digest[:12]}"
+
+
+class _SiteModel:
+    """The site's personalised network: received shared part + own private part."""
+
+    def __init__(self, config: Mapping[str, Any], state: SiteState) -> None:
+        self.config = config
+        self.state = state
+        self.model = model_from_config(config)
+        self.private = private_keys(self.model, config["private-params"])
+        self.state_name = _private_state_name(config)
+
+    def load(self, shared: ArrayRecord) -> None:
+        """Load the received shared arrays and this site's stored private values."""
+        received = shared.to_torch_state_dict()
+        expected = set(self.model.state_dict()) - set(self.private)
+        if set(received) != expected:
+            missing = sorted(expected - set(received))[:5]
+            extra = sorted(set(received) - expected)[:5]
+            raise ValueError(
+                "The received global arrays do not match this site's shared "
+                f"parameters (private-params={self.config['private-params']!r}): "
+                f"missing {missing}, unexpected {extra}"
+            )
+        own = self.state.load_tensors(self.state_name) if self.private else None
+        self.model.load_state_dict({**received, **(own or {})}, strict=own is not None)
+
+    def shared_and_store_private(self) -> ArrayRecord:
+        """Store the private values; return the shared arrays to send."""
+        shared, own = split_state(self.model.state_dict(), self.private)
+        if own:
+            self.state.save_tensors(self.state_name, own)
+        return ArrayRecord(shared)
+
+
 def _loaders(
     config: Mapping[str, Any], context: Context, seed: int
 ) -> tuple[DataLoader, DataLoader, DataLoader, int]:
@@ -56,6 +117,25 @@ def _loaders(
     return shuffled, ordered, validation, len(train_ds)
 
 
+def _attack(config: Mapping[str, Any], context: Context) -> str | None:
+    """Return the attack this simulated site runs, if ``attack.sites`` names it."""
+    kind = (
+        check_attack_kind(config["attack.kind"])
+        if config["attack.kind"] != "none"
+        else None
+    )
+    sites = {int(s) for s in str(config["attack.sites"]).split(",") if s.strip()}
+    partition = context.node_config.get("partition-id")
+    if kind is None or partition is None or int(partition) not in sites:
+        return None
+    return kind
+
+
+def _flipped(batches: Iterable[dict], num_classes: int | None) -> Iterator[dict]:
+    for batch in batches:
+        yield {**batch, "label": flip_labels(batch["label"], num_classes)}
+
+
 def _train(msg: Message, context: Context, config: dict[str, Any]) -> Message:
     started = time.perf_counter()
     train_config = msg.content.get("config", {})
@@ -64,14 +144,17 @@ def _train(msg: Message, context: Context, config: dict[str, Any]) -> Message:
     torch.manual_seed(seed)
     task = get_task(config["task"])
     dev = device()
+    state = SiteState(context)
+    attack = _attack(config, context)
+    dp = DPSettings.from_config(config)
 
-    model = model_from_config(config)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    model.to(dev)
+    site_model = _SiteModel(config, state)
+    site_model.load(msg.content["arrays"])
+    model = site_model.model.to(dev)
     shuffled, ordered, _, num_examples = _loaders(config, context, seed)
     loss_fn = task.loss_fn()
-
     loss_before = mean_loss(model, ordered, loss_fn, dev)
+
     momentum = float(config["train.momentum"])
     optimizer = make_optimizer(
         model,
@@ -80,33 +163,84 @@ def _train(msg: Message, context: Context, config: dict[str, Any]) -> Message:
         momentum=momentum,
     )
     epochs = int(train_config.get("local-epochs", config["train.local-epochs"]))
-    result = train_local(model, shuffled, loss_fn, optimizer, epochs, dev)
+    private_training = None
+    if dp is not None:
+        budget = context.node_config.get("dp-max-epsilon")
+        private_training = privatize(
+            model,
+            optimizer,
+            shuffled,
+            dp,
+            state,
+            epochs=epochs,
+            num_rounds=int(config["num-server-rounds"]),
+            max_epsilon=float(budget) if budget is not None else None,
+        )
+        train_model, optimizer = private_training.model, private_training.optimizer
+        shuffled = private_training.loader
+    else:
+        train_model = model
+    batches: Iterable[dict] = shuffled
+    if attack == "label-flip":
+        num_classes = (
+            int(config["data.num-classes"])
+            if config["task"] == "classification"
+            else None
+        )
+        batches = _ReIterable(lambda: _flipped(shuffled, num_classes))
+    result = train_local(train_model, batches, loss_fn, optimizer, epochs, dev)
     loss_after = mean_loss(model, ordered, loss_fn, dev)
 
     sgd_momentum = momentum if config["train.optimizer"] == "sgd" else 0.0
-    metrics = MetricRecord(
-        {
-            "num-examples": num_examples,
-            "train-loss-before": loss_before,
-            "train-loss-after": loss_after,
-            "local-steps": result.steps,
-            "nova-a": nova_a(result.steps, sgd_momentum),
-            "train-time-s": time.perf_counter() - started,
-        }
+    values = {
+        "num-examples": num_examples,
+        "train-loss-before": loss_before,
+        "train-loss-after": loss_after,
+        "local-steps": result.steps,
+        "nova-a": nova_a(result.steps, sgd_momentum),
+        "unit-weight": 1,
+    }
+    if private_training is not None:
+        values["dp-epsilon"] = private_training.finish(
+            state, dp.delta, empty_lots=result.empty_batches
+        )
+    model.cpu()
+    arrays = site_model.shared_and_store_private()
+    if attack is not None and attack != "label-flip":
+        arrays = _attacked(attack, msg.content["arrays"], arrays, seed)
+    values["train-time-s"] = time.perf_counter() - started
+    return Message(
+        RecordDict({"arrays": arrays, "metrics": MetricRecord(values)}), reply_to=msg
     )
-    arrays = ArrayRecord(model.cpu().state_dict())
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+class _ReIterable:
+    """Make a generator factory iterable more than once (one pass per epoch)."""
+
+    def __init__(self, factory) -> None:
+        self.factory = factory
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.factory()
+
+
+def _attacked(
+    kind: str, received: ArrayRecord, trained: ArrayRecord, seed: int
+) -> ArrayRecord:
+    global_arrays = {k: v.numpy() for k, v in received.items()}
+    local_arrays = {k: v.numpy() for k, v in trained.items()}
+    sent = apply_attack(kind, global_arrays, local_arrays, np.random.default_rng(seed))
+    return ArrayRecord({k: np.ascontiguousarray(v) for k, v in sent.items()})
 
 
 def _evaluate(msg: Message, context: Context, config: dict[str, Any]) -> Message:
     started = time.perf_counter()
     task = get_task(config["task"])
     dev = device()
-    model = model_from_config(config)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    model.to(dev)
+    site_model = _SiteModel(config, SiteState(context))
+    site_model.load(msg.content["arrays"])
     _, _, validation, _ = _loaders(config, context, seed=0)
-    values = task.evaluate(model, validation, dev)
+    values = task.evaluate(site_model.model.to(dev), validation, dev)
     metrics = MetricRecord(
         {
             "num-examples": len(validation.dataset),
@@ -126,8 +260,8 @@ def make_client_app(task: str | None = None, **overrides: Any) -> ClientApp:
         Pin the task (``"segmentation"`` or ``"classification"``); by default the
         run config's ``task`` decides.
     **overrides
-        Run-config keys given in code (dotted keys, e.g. ``{"model.name": "unet"}``
-        as ``**{"model.name": "unet"}``); they take precedence over the run config.
+        Run-config keys given in code (dotted keys, passed as
+        ``**{"model.name": "unet"}``); they take precedence over the run config.
 
     Returns
     -------
@@ -146,7 +280,7 @@ def make_client_app(task: str | None = None, **overrides: Any) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        """Evaluate the received global model on this site's validation split."""
+        """Evaluate the personalised global model on this site's validation split."""
         return _evaluate(msg, context, resolve_config(context.run_config, overrides))
 
     return app

@@ -25,6 +25,7 @@ class LocalTrainingResult:
     steps: int
     num_samples: int
     mean_loss: float
+    empty_batches: int = 0
 
 
 def make_optimizer(
@@ -68,13 +69,17 @@ def train_local(
     Returns
     -------
     LocalTrainingResult
-        Optimizer steps taken, samples seen and the mean training loss.
+        Optimizer steps taken, samples seen, the mean training loss and the number
+        of empty batches skipped.
     """
     model.train()
-    steps, samples, loss_sum = 0, 0, 0.0
+    steps, samples, loss_sum, empty = 0, 0, 0.0, 0
     for _ in range(epochs):
         for batch in batches:
             image = batch["image"].to(device)
+            if image.shape[0] == 0:  # a Poisson-sampled DP-SGD lot can be empty
+                empty += 1
+                continue
             label = _as_target(batch["label"], loss_fn).to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(image), label)
@@ -84,7 +89,10 @@ def train_local(
             samples += image.shape[0]
             loss_sum += float(loss.detach()) * image.shape[0]
     return LocalTrainingResult(
-        steps=steps, num_samples=samples, mean_loss=loss_sum / max(samples, 1)
+        steps=steps,
+        num_samples=samples,
+        mean_loss=loss_sum / max(samples, 1),
+        empty_batches=empty,
     )
 
 

@@ -1,0 +1,204 @@
+"""Sample-level differential privacy at the site: DP-SGD with Opacus.
+
+DP-SGD (Abadi et al., 2016, https://arxiv.org/abs/1607.00133) clips every example's
+gradient to ``max_grad_norm`` and adds Gaussian noise of standard deviation
+``noise_multiplier * max_grad_norm`` to each lot, with lots drawn by Poisson
+sampling. The privacy loss of a site adds up over *all* the steps it ever trains,
+across rounds and runs, so the accountant's history is kept in the site's state
+(:class:`~flower_medimg.client_apps.site_state.SiteState`) and the reported
+``dp-epsilon`` is the site's cumulative ε — unlike a privacy engine rebuilt every
+round, whose ε covers one round only.
+
+``dp-max-epsilon`` in the site's ``node_config`` is the site's own budget: a round
+that would take ε above it is refused with :class:`PrivacyBudgetExceededError` before
+any training, the site's reply carries that error, and the server goes on with the
+other sites.
+
+The network is made DP-compatible (BatchNorm replaced by GroupNorm) by
+:func:`flower_medimg.models.model_from_config` on both the server and the sites, so
+the state_dict keys match; Opacus's ``_module.`` prefix never reaches the wire
+because the replies are built from the unwrapped network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from .site_state import SiteState
+
+__all__ = [
+    "ACCOUNTANT_STATE",
+    "DPSettings",
+    "PrivacyBudgetExceededError",
+    "privatize",
+    "site_epsilon",
+]
+
+#: Name of the accountant's history in the site state (one per site, not per run:
+#: the budget protects the site's data whatever model trains on it).
+ACCOUNTANT_STATE = "dp-accountant"
+
+
+class PrivacyBudgetExceededError(RuntimeError):
+    """The next round would take the site's ε above its ``dp-max-epsilon``."""
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """DP-SGD settings from the run config (``dp.*``).
+
+    Parameters
+    ----------
+    noise_multiplier : float
+        σ; 0 with ``target_epsilon`` 0 switches DP-SGD off.
+    target_epsilon : float
+        If > 0, σ is calibrated so that the whole run (all rounds) spends this ε.
+    max_grad_norm : float
+        Per-example gradient clipping bound C.
+    delta : float
+        δ of the reported (ε, δ).
+    grad_sample_mode : str
+        Opacus per-sample-gradient mode (``"hooks"`` was the fastest on MONAI's
+        convolutional networks, see ``sim/privacy_cost.py``).
+    """
+
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    grad_sample_mode: str = "hooks"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DPSettings | None:
+        """Return the settings, or None when DP-SGD is off."""
+        settings = cls(
+            noise_multiplier=float(config["dp.noise-multiplier"]),
+            target_epsilon=float(config["dp.target-epsilon"]),
+            max_grad_norm=float(config["dp.max-grad-norm"]),
+            delta=float(config["dp.delta"]),
+            grad_sample_mode=str(config["dp.grad-sample-mode"]),
+        )
+        if settings.noise_multiplier < 0 or settings.target_epsilon < 0:
+            raise ValueError("dp.noise-multiplier and dp.target-epsilon must be >= 0")
+        if settings.noise_multiplier == 0 and settings.target_epsilon == 0:
+            return None
+        return settings
+
+
+def _accountant(state: SiteState) -> RDPAccountant:
+    accountant = RDPAccountant()
+    history = state.load_json(ACCOUNTANT_STATE) or []
+    accountant.history = [tuple(entry) for entry in history]
+    return accountant
+
+
+def site_epsilon(state: SiteState, delta: float) -> float:
+    """Return the site's cumulative ε over all it trained so far (0 if nothing)."""
+    accountant = _accountant(state)
+    return accountant.get_epsilon(delta) if accountant.history else 0.0
+
+
+@dataclass
+class PrivateTraining:
+    """A model, optimizer and loader wrapped by Opacus, and how to account for them."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader
+    engine: PrivacyEngine
+    noise_multiplier: float
+    sample_rate: float
+
+    def finish(self, state: SiteState, delta: float, empty_lots: int = 0) -> float:
+        """Account for lots that were empty, save the history, return cumulative ε.
+
+        A Poisson lot can be empty; it was still drawn, so it is accounted for.
+        """
+        for _ in range(empty_lots):
+            self.engine.accountant.step(
+                noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate
+            )
+        history = [list(entry) for entry in self.engine.accountant.history]
+        state.save_json(ACCOUNTANT_STATE, history)
+        return self.engine.accountant.get_epsilon(delta)
+
+
+def privatize(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: torch.utils.data.DataLoader,
+    settings: DPSettings,
+    state: SiteState,
+    *,
+    epochs: int,
+    num_rounds: int,
+    max_epsilon: float | None = None,
+) -> PrivateTraining:
+    """Wrap model, optimizer and loader for DP-SGD, with the site's history restored.
+
+    Parameters
+    ----------
+    model, optimizer, loader
+        What the site trains with (the loader's batch size is the expected lot size).
+    settings : DPSettings
+        σ or target ε, clipping bound, δ.
+    state : SiteState
+        Where the accountant's history lives.
+    epochs : int
+        Local epochs this round.
+    num_rounds : int
+        Rounds in the run (to calibrate σ for a target ε over all of them).
+    max_epsilon : float, optional
+        The site's budget (``node_config["dp-max-epsilon"]``).
+
+    Raises
+    ------
+    PrivacyBudgetExceededError
+        If this round would take the site's ε above ``max_epsilon``.
+    """
+    sample_rate = 1.0 / len(loader)
+    steps_per_round = epochs * len(loader)
+    sigma = settings.noise_multiplier
+    if settings.target_epsilon > 0:
+        sigma = get_noise_multiplier(
+            target_epsilon=settings.target_epsilon,
+            target_delta=settings.delta,
+            sample_rate=sample_rate,
+            steps=steps_per_round * num_rounds,
+            accountant="rdp",
+        )
+    engine = PrivacyEngine(accountant="rdp")
+    engine.accountant.history = _accountant(state).history
+    if max_epsilon is not None:
+        planned = RDPAccountant()
+        planned.history = [
+            *engine.accountant.history,
+            (sigma, sample_rate, steps_per_round),
+        ]
+        epsilon = planned.get_epsilon(settings.delta)
+        if epsilon > max_epsilon or math.isnan(epsilon):
+            raise PrivacyBudgetExceededError(
+                "DP budget: this round would take the site's epsilon to "
+                f"{epsilon:.3f}, above its dp-max-epsilon {max_epsilon:g} "
+                f"(delta={settings.delta:g}); the site does not train"
+            )
+    dp_model, dp_optimizer, dp_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=sigma,
+        max_grad_norm=settings.max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode=settings.grad_sample_mode,
+    )
+    return PrivateTraining(
+        dp_model, dp_optimizer, dp_loader, engine, sigma, sample_rate
+    )
