@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from monai.data import DataLoader
 
 from flower_medimg.config import resolve_config
@@ -251,7 +252,9 @@ def _evaluate(msg: Message, context: Context, config: dict[str, Any]) -> Message
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def make_client_app(task: str | None = None, **overrides: Any) -> ClientApp:
+def make_client_app(
+    task: str | None = None, mods: list[Mod] | None = None, **overrides: Any
+) -> ClientApp:
     """Create a ClientApp that trains and evaluates the configured MONAI model.
 
     Parameters
@@ -259,6 +262,9 @@ def make_client_app(task: str | None = None, **overrides: Any) -> ClientApp:
     task : str, optional
         Pin the task (``"segmentation"`` or ``"classification"``); by default the
         run config's ``task`` decides.
+    mods : list of Flower mods, optional
+        Mods wrapped around both handlers (e.g. Flower's ``fixedclipping_mod`` or
+        our sparse-sharing privacy mods), as in ``ClientApp(mods=...)``.
     **overrides
         Run-config keys given in code (dotted keys, passed as
         ``**{"model.name": "unet"}``); they take precedence over the run config.
@@ -271,7 +277,7 @@ def make_client_app(task: str | None = None, **overrides: Any) -> ClientApp:
     if task is not None:
         get_task(task)  # fail now on an unknown name
         overrides["task"] = task
-    app = ClientApp()
+    app = ClientApp(mods=mods)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
