@@ -49,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "dp.target-epsilon": 0.0,
     "dp.max-grad-norm": 1.0,
     "dp.delta": 1e-5,
-    "dp.grad-sample-mode": "hooks",
+    "dp.grad-sample-mode": "auto",
     "attack.kind": "none",
     "attack.sites": "",
 }

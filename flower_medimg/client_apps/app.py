@@ -167,6 +167,7 @@ def _train(msg: Message, context: Context, config: dict[str, Any]) -> Message:
     private_training = None
     if dp is not None:
         budget = context.node_config.get("dp-max-epsilon")
+        model.train()  # Opacus validates a network in training mode
         private_training = privatize(
             model,
             optimizer,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from monai.networks.blocks.segresnet_block import ResBlock
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -41,6 +42,9 @@ __all__ = [
     "privatize",
     "site_epsilon",
 ]
+
+#: Blocks whose forward adds the residual in place (incompatible with hooks mode).
+_INPLACE_RESIDUAL_BLOCKS = (ResBlock,)
 
 #: Name of the accountant's history in the site state (one per site, not per run:
 #: the budget protects the site's data whatever model trains on it).
@@ -66,15 +70,26 @@ class DPSettings:
     delta : float
         δ of the reported (ε, δ).
     grad_sample_mode : str
-        Opacus per-sample-gradient mode (``"hooks"`` was the fastest on MONAI's
-        convolutional networks, see ``sim/privacy_cost.py``).
+        Opacus per-sample-gradient mode, or ``"auto"``: ``"hooks"`` (the fastest on
+        MONAI's convolutional networks, see ``sim/privacy_cost.py``) unless the
+        network adds its residuals in place, which Opacus's backward hooks forbid
+        (MONAI's SegResNet blocks, ``x += identity``); those get ``"ew"``
+        (PyTorch's expanded weights).
     """
 
     noise_multiplier: float = 0.0
     target_epsilon: float = 0.0
     max_grad_norm: float = 1.0
     delta: float = 1e-5
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "auto"
+
+    def mode_for(self, model: torch.nn.Module) -> str:
+        """Return the per-sample-gradient mode to use for ``model``."""
+        if self.grad_sample_mode != "auto":
+            return self.grad_sample_mode
+        if any(isinstance(m, _INPLACE_RESIDUAL_BLOCKS) for m in model.modules()):
+            return "ew"
+        return "hooks"
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> DPSettings | None:
@@ -197,7 +212,7 @@ def privatize(
         noise_multiplier=sigma,
         max_grad_norm=settings.max_grad_norm,
         poisson_sampling=True,
-        grad_sample_mode=settings.grad_sample_mode,
+        grad_sample_mode=settings.mode_for(model),
     )
     return PrivateTraining(
         dp_model, dp_optimizer, dp_loader, engine, sigma, sample_rate
