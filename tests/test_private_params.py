@@ -6,6 +6,8 @@ import sys
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.simulation import run_simulation
 
 from flower_medimg.client_apps import make_client_app
 from flower_medimg.client_apps.app import _private_state_name
@@ -13,6 +15,8 @@ from flower_medimg.client_apps.private_params import private_keys, split_state
 from flower_medimg.client_apps.site_state import SiteState
 from flower_medimg.config import resolve_config
 from flower_medimg.models import build_model, model_from_config
+from flower_medimg.server_app import make_server_app
+from flower_medimg.strategies.registry import STRATEGIES
 
 
 @pytest.mark.parametrize(
@@ -149,3 +153,71 @@ def test_wrong_shared_key_set_is_a_clear_error():
     context = Context(1, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), {})
     with pytest.raises(ValueError, match=r"unexpected \['fc.bias', 'fc.weight'\]"):
         app(_train_message(full, 1), context)
+
+
+class RecordingFedAvg(FedAvg):
+    """FedAvg that notes the array keys of every message it sends or receives."""
+
+    seen_keys: set = set()
+
+    def configure_train(self, server_round, arrays, config, grid):
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for message in messages:
+            RecordingFedAvg.seen_keys |= set(message.content["arrays"].keys())
+        return messages
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        for reply in replies:
+            if not reply.has_error():
+                RecordingFedAvg.seen_keys |= set(reply.content["arrays"].keys())
+        return super().aggregate_train(server_round, replies)
+
+
+@pytest.mark.slow
+def test_flop_simulation_server_never_sees_heads(tmp_path, monkeypatch):
+    dump_dir = tmp_path / "heads"
+    dump_dir.mkdir()
+
+    def dump_head_mod(msg, context, call_next):
+        # test probe: after training, copy what the site keeps in context.state
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "train":
+            for name in context.state:
+                if name.startswith("private-params-"):
+                    tensors = context.state[name].to_torch_state_dict()
+                    site = context.node_config["partition-id"]
+                    torch.save(tensors, dump_dir / f"site-{site}.pt")
+        return reply
+
+    monkeypatch.setitem(STRATEGIES, "recording-fedavg", RecordingFedAvg)
+    RecordingFedAvg.seen_keys = set()
+    config = {
+        **TINY_CLS,
+        "num-server-rounds": 2,
+        "data.num-sites": 3,
+        "output-dir": str(tmp_path / "out"),
+        "strategy.name": "recording-fedavg",
+    }
+    run_simulation(
+        server_app=make_server_app(**config),
+        client_app=make_client_app(mods=[dump_head_mod], **config),
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    model = model_from_config(resolve_config(overrides=config))
+    head = private_keys(model, "head")
+    assert RecordingFedAvg.seen_keys  # the probe saw the traffic
+    assert not RecordingFedAvg.seen_keys & set(head)
+    assert RecordingFedAvg.seen_keys == set(model.state_dict()) - set(head)
+
+    initial = model.state_dict()
+    heads = [torch.load(dump_dir / f"site-{k}.pt") for k in range(3)]
+    for k, site_head in enumerate(heads):
+        assert set(site_head) == set(head)
+        assert not torch.equal(site_head["fc.weight"], initial["fc.weight"])
+        for other in heads[k + 1 :]:
+            assert not torch.equal(site_head["fc.weight"], other["fc.weight"])
+    (run_dir,) = (tmp_path / "out").iterdir()
+    saved = torch.load(run_dir / "global_model.pt")
+    assert not set(saved) & set(head)

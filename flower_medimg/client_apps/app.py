@@ -111,7 +111,12 @@ def _loaders(
     batch_size = int(config["train.batch-size"])
     generator = torch.Generator().manual_seed(seed)
     shuffled = DataLoader(
-        train_ds, batch_size=batch_size, shuffle=True, generator=generator
+        train_ds,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=generator,
+        # BatchNorm cannot train on a last batch of one image
+        drop_last=len(train_ds) % batch_size == 1,
     )
     ordered = DataLoader(train_ds, batch_size=batch_size)
     validation = DataLoader(val_ds, batch_size=batch_size)
