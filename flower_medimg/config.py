@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "data.label-skew": 0.0,
     "data.num-classes": 2,
     "strategy.name": "fedavg",
+    "strategy.weighted-by-key": "num-examples",
     "strategy.fraction-train": 1.0,
     "strategy.fraction-evaluate": 1.0,
     "strategy.min-train-nodes": 2,
@@ -50,6 +51,17 @@ DEFAULTS: dict[str, Any] = {
     "dp.max-grad-norm": 1.0,
     "dp.delta": 1e-5,
     "dp.grad-sample-mode": "auto",
+    "dp.user-level": "none",
+    "dp.user-noise-multiplier": 1.0,
+    "dp.user-clipping-norm": 1.0,
+    "dp.user-num-sampled": 0,
+    "dp.allow-data-dependent-weights": False,
+    "privacy.filter": "none",
+    "privacy.share": 1.0,
+    "privacy.gamma": 0.0,
+    "privacy.tau": 0.0,
+    "privacy.epsilon": 1.0,
+    "privacy.release-epsilon": 0.0,
     "attack.kind": "none",
     "attack.sites": "",
 }
@@ -92,7 +104,15 @@ def resolve_config(
                     f"{', '.join(sorted(DEFAULTS))} (and any 'strategy.<parameter>')"
                 )
             config[key] = value
-    for key in ("task", "model.name", "model.norm", "strategy.name", "attack.kind"):
+    for key in (
+        "task",
+        "model.name",
+        "model.norm",
+        "strategy.name",
+        "attack.kind",
+        "dp.user-level",
+        "privacy.filter",
+    ):
         config[key] = str(config[key]).lower()
     return config
 

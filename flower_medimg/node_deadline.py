@@ -74,5 +74,16 @@ class NodeDeadlineGrid:
             )
         return node_ids
 
+    def wait_for_nodes(self, poll_interval: float = 1.0) -> list[int]:
+        """Block until ``required_nodes`` are connected; return their ids."""
+        while len(node_ids := list(self.get_node_ids())) < self.required_nodes:
+            logger.info(
+                "Waiting for sites: %d of %d connected",
+                len(node_ids),
+                self.required_nodes,
+            )
+            time.sleep(poll_interval)
+        return node_ids
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)

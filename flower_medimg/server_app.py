@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 from monai.data import DataLoader
 
 from flower_medimg.client_apps.app import device
@@ -25,6 +26,7 @@ from flower_medimg.data import central_test_dataset
 from flower_medimg.models import model_from_config
 from flower_medimg.node_deadline import NodeDeadlineGrid
 from flower_medimg.outputs import RoundRecorder, make_run_dir, write_outputs
+from flower_medimg.privacy import make_user_level_dp
 from flower_medimg.strategies.registry import build_strategy
 
 __all__ = ["app", "central_evaluator", "make_server_app", "run_experiment"]
@@ -47,6 +49,35 @@ def central_evaluator(config: dict[str, Any]):
         return task.evaluate(model.to(dev), loader, dev)
 
     return evaluate
+
+
+def _with_user_level_dp(
+    strategy: Strategy,
+    config: dict[str, Any],
+    params: dict[str, Any],
+    grid: NodeDeadlineGrid,
+) -> Strategy:
+    """Wrap ``strategy`` in user-level DP (clipping + Gaussian noise, ε reported).
+
+    ``m`` (``dp.user-num-sampled``) defaults to the number of sites the strategy
+    samples from the sites connected at the start, as Flower's ``FedAvg`` does.
+    """
+    num_sampled = int(config["dp.user-num-sampled"])
+    if num_sampled <= 0:
+        connected = len(grid.wait_for_nodes())
+        fraction = float(params.get("fraction-train", 1.0))
+        num_sampled = max(
+            int(connected * fraction), int(params.get("min-train-nodes", 0))
+        )
+    return make_user_level_dp(
+        strategy,
+        side=config["dp.user-level"],
+        noise_multiplier=float(config["dp.user-noise-multiplier"]),
+        clipping_norm=float(config["dp.user-clipping-norm"]),
+        num_sampled_clients=num_sampled,
+        delta=float(config["dp.delta"]),
+        allow_data_dependent_weights=bool(config["dp.allow-data-dependent-weights"]),
+    )
 
 
 def run_experiment(grid: Grid, context: Context, config: dict[str, Any]) -> dict:
@@ -80,9 +111,12 @@ def run_experiment(grid: Grid, context: Context, config: dict[str, Any]) -> dict
     required_nodes = max(
         int(params.get("min-available-nodes", 0)), int(params.get("min-train-nodes", 0))
     )
+    grid = NodeDeadlineGrid(grid, required_nodes, float(config["node-wait-timeout"]))
+    if config["dp.user-level"] != "none":
+        strategy = _with_user_level_dp(strategy, config, params, grid)
     num_rounds = int(config["num-server-rounds"])
     result = strategy.start(
-        grid=NodeDeadlineGrid(grid, required_nodes, float(config["node-wait-timeout"])),
+        grid=grid,
         initial_arrays=initial_arrays,
         num_rounds=num_rounds,
         timeout=float(config["round-timeout"]),

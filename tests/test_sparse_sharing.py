@@ -496,3 +496,14 @@ def test_mods_compose_in_a_client_app_with_clipping_outermost():
     assert np.linalg.norm(update) == pytest.approx(0.5, rel=1e-4)
     assert np.mean(update != 0) == pytest.approx(0.2, abs=0.02)
     assert reply.content["metrics"]["shared-fraction"] == pytest.approx(0.2, abs=0.02)
+
+
+def test_percentile_filter_keeps_exactly_the_share_when_magnitudes_tie():
+    # Adam-like update: every coordinate moved by +-lr; NVFlare's percentile cut
+    # would keep them all (ties at the cut), "share=0.1" must send 10 of 100
+    rng = np.random.default_rng(0)
+    delta = {"w": (rng.choice([-1.0, 1.0], size=(10, 10)) * 1e-3).astype(np.float32)}
+    out = percentile_filter(delta, share=0.1, gamma=1.0)
+    assert np.count_nonzero(out["w"]) == 10
+    kept = out["w"] != 0
+    np.testing.assert_array_equal(out["w"][kept], delta["w"][kept])

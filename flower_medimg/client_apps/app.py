@@ -15,6 +15,8 @@ samples), ``train-loss-before`` (the received model's loss on the local training
 data), ``train-loss-after``, ``local-steps``, ``nova-a`` (FedNova), ``unit-weight``
 (a constant 1, for uniform averaging with ``weighted_by_key="unit-weight"``),
 ``train-time-s``, and ``dp-epsilon`` (the site's cumulative ε) when DP-SGD is on.
+Evaluate replies carry ``num-examples``, ``unit-weight``, ``eval-loss``, the task's
+metrics and ``eval-time-s``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from flower_medimg.models import model_from_config
 from .attacks import apply_attack, check_attack_kind, flip_labels
 from .dp_sgd import DPSettings, privatize
 from .private_params import private_keys, split_state
+from .site_mods import SVT_STATE, run_with_mods, site_mods
 from .site_state import SiteState
 from .tasks import get_task
 from .training import make_optimizer, mean_loss, nova_a, train_local
@@ -251,6 +254,7 @@ def _evaluate(msg: Message, context: Context, config: dict[str, Any]) -> Message
     metrics = MetricRecord(
         {
             "num-examples": len(validation.dataset),
+            "unit-weight": 1,
             **values,
             "eval-time-s": time.perf_counter() - started,
         }
@@ -288,7 +292,17 @@ def make_client_app(
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         """Train the received global model on this site's training split."""
-        return _train(msg, context, resolve_config(context.run_config, overrides))
+        config = resolve_config(context.run_config, overrides)
+        state = SiteState(context)
+        state.restore_metrics(SVT_STATE)
+        reply = run_with_mods(
+            site_mods(config),
+            lambda m, c: _train(m, c, config),
+            msg,
+            context,
+        )
+        state.persist_metrics(SVT_STATE)
+        return reply
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 
 __all__ = ["SiteState"]
 
@@ -74,6 +74,19 @@ class SiteState:
         self._state[name] = ConfigRecord({"json": text})
         path = self._path(name, ".json")
         if path is not None:
+            _atomic_write(path, lambda handle: handle.write(text.encode()))
+
+    def restore_metrics(self, name: str) -> None:
+        """Put the MetricRecord saved as ``name`` back into ``context.state``."""
+        path = self._path(name, ".json")
+        if name not in self._state and path is not None and path.exists():
+            self._state[name] = MetricRecord(json.loads(path.read_text()))
+
+    def persist_metrics(self, name: str) -> None:
+        """Write the MetricRecord ``context.state[name]`` to the state folder."""
+        path = self._path(name, ".json")
+        if name in self._state and path is not None:
+            text = json.dumps(dict(self._state[name]))
             _atomic_write(path, lambda handle: handle.write(text.encode()))
 
     def _path(self, name: str, suffix: str) -> Path | None:

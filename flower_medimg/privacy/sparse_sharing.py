@@ -233,9 +233,16 @@ def percentile_filter(
     (https://arxiv.org/abs/1910.00962) and NVFlare's ``PercentilePrivacy``::
 
         delta = update / steps
-        cut   = percentile(|delta| over all filtered arrays, 100 * (1 - share))
-        delta_i <- 0 where -cut < delta_i < cut        (ties at the cut are kept)
+        keep the k = ceil(share * n) coordinates of largest |delta|, zero the rest
         result = clip(delta, -gamma, gamma) * steps
+
+    NVFlare zeroes ``-cut < delta_i < cut`` with ``cut`` the ``100 (1 - share)``
+    percentile and keeps every tie at the cut. Updates of adaptive optimisers have
+    many equal magnitudes (Adam's first steps move every weight by about the
+    learning rate), so there ``share = 0.1`` sent 44% of a UNet's coordinates in our
+    tests. We keep exactly ``k`` coordinates instead (ties broken deterministically),
+    which is what "share 10% of the update" promises; without ties both rules keep
+    the same coordinates (the spec's worked example).
 
     This is a heuristic, not a differential-privacy mechanism: no ε is spent.
 
@@ -271,16 +278,17 @@ def percentile_filter(
     if flat.size == 0:
         return _unflatten(delta, keys, flat, steps)
     magnitude = np.abs(flat)
-    cut = float(np.percentile(magnitude, 100.0 * (1.0 - share)))
+    count = num_released(share, flat.size)
     bound = default_gamma(magnitude) if gamma is None else gamma
-    kept = np.where(magnitude < cut, 0.0, flat)
-    kept = np.clip(kept, -bound, bound)
+    kept = np.zeros_like(flat)
+    if count:
+        top = np.argpartition(magnitude, flat.size - count)[flat.size - count :]
+        kept[top] = np.clip(flat[top], -bound, bound)
     log(
         DEBUG,
-        "percentile_filter: share %.3g of %d coordinates, cut %.3g, gamma %.3g",
-        share,
+        "percentile_filter: %d of %d coordinates kept, gamma %.3g",
+        count,
         flat.size,
-        cut,
         bound,
     )
     return _unflatten(delta, keys, kept, steps)

@@ -1,0 +1,82 @@
+"""The Flower mods a site runs around training, chosen by the run config.
+
+Flower fixes a ClientApp's mods when it is built, but the run config is only known
+when a message arrives; :func:`run_with_mods` composes the configured mods per
+message the way ``ClientApp(mods=...)`` does (the first mod is the outermost).
+
+- ``privacy.filter = "percentile" | "svt"``: selective parameter sharing (Li et al.,
+  MLMI 2019, https://arxiv.org/abs/1910.00962): only ``privacy.share`` of the update's
+  coordinates leave the site (:mod:`flower_medimg.privacy`).
+- ``dp.user-level = "client"``: each update is clipped to ``dp.user-clipping-norm`` at
+  the site (Flower's fixed clipping mod, guarded against zero updates) before the
+  server adds the noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.clientapp.typing import Mod
+
+from flower_medimg.privacy import (
+    PercentilePrivacyMod,
+    SVTPrivacyMod,
+    safe_fixedclipping_mod,
+)
+
+__all__ = ["FILTERS", "SVT_STATE", "run_with_mods", "site_mods"]
+
+FILTERS = ("none", "percentile", "svt")
+
+#: ``context.state`` entry of the SVT filter's ε odometer.
+SVT_STATE = "svt-privacy"
+
+
+def _optional(value: Any) -> float | None:
+    """Run-config 0 means "let the filter choose" (a bound scaled to the update)."""
+    return float(value) or None
+
+
+def site_mods(config: Mapping[str, Any]) -> list[Mod]:
+    """Return the mods the run config asks for, outermost first."""
+    mods: list[Mod] = []
+    if config["dp.user-level"] == "client":
+        mods.append(safe_fixedclipping_mod)  # must see the filtered reply last
+    kind = str(config["privacy.filter"]).lower()
+    share = float(config["privacy.share"])
+    if kind == "percentile":
+        mods.append(PercentilePrivacyMod(share, _optional(config["privacy.gamma"])))
+    elif kind == "svt":
+        mods.append(
+            SVTPrivacyMod(
+                share,
+                float(config["privacy.epsilon"]),
+                _optional(config["privacy.gamma"]),
+                _optional(config["privacy.tau"]),
+                _optional(config["privacy.release-epsilon"]),
+                state_key=SVT_STATE,
+            )
+        )
+    elif kind != "none":
+        raise ValueError(
+            f"Unknown privacy.filter {kind!r}; valid filters: {', '.join(FILTERS)}"
+        )
+    return mods
+
+
+def run_with_mods(
+    mods: list[Mod],
+    handler: Callable[[Message, Context], Message],
+    msg: Message,
+    context: Context,
+) -> Message:
+    """Call ``handler`` wrapped in ``mods`` (the first mod is the outermost)."""
+
+    def call(index: int, message: Message, ctx: Context) -> Message:
+        if index == len(mods):
+            return handler(message, ctx)
+        return mods[index](message, ctx, lambda m, c: call(index + 1, m, c))
+
+    return call(0, msg, context)
