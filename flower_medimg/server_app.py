@@ -27,7 +27,8 @@ from flower_medimg.models import model_from_config
 from flower_medimg.node_deadline import NodeDeadlineGrid
 from flower_medimg.outputs import RoundRecorder, make_run_dir, write_outputs
 from flower_medimg.privacy import make_user_level_dp
-from flower_medimg.strategies.registry import build_strategy
+from flower_medimg.strategies import QualityGate
+from flower_medimg.strategies.registry import SELF_CHECKING, build_strategy
 
 __all__ = ["app", "central_evaluator", "make_server_app", "run_experiment"]
 
@@ -49,6 +50,32 @@ def central_evaluator(config: dict[str, Any]):
         return task.evaluate(model.to(dev), loader, dev)
 
     return evaluate
+
+
+def _build_gated_strategy(
+    config: dict[str, Any], params: dict[str, Any], recorder: RoundRecorder
+) -> Strategy:
+    """Build the configured strategy behind the quality gate (``gate.*``).
+
+    Our strategies check every reply themselves (the bounds are passed to them);
+    Flower's are wrapped in :class:`~flower_medimg.strategies.QualityGate`, so one
+    malformed or poisoned reply never raises out of a round or poisons the model.
+    """
+    gate = section(config, "gate")
+    bounds = {
+        "max_update_norm": float(gate["max-update-norm"]) or None,
+        "update_norm_factor": float(gate["update-norm-factor"]) or None,
+    }
+    strategy = build_strategy(
+        params.pop("name"),
+        params,
+        train_metrics_aggr_fn=recorder.train,
+        evaluate_metrics_aggr_fn=recorder.evaluate,
+        **(bounds if gate["enabled"] else {"check_finite": False}),
+    )
+    if gate["enabled"] and not isinstance(strategy, SELF_CHECKING):
+        strategy = QualityGate(strategy, **bounds)
+    return strategy
 
 
 def _with_user_level_dp(
@@ -99,12 +126,7 @@ def run_experiment(grid: Grid, context: Context, config: dict[str, Any]) -> dict
         central = central_evaluator(config)
     recorder = RoundRecorder(central)
     params = section(config, "strategy")
-    strategy = build_strategy(
-        params.pop("name"),
-        params,
-        train_metrics_aggr_fn=recorder.train,
-        evaluate_metrics_aggr_fn=recorder.evaluate,
-    )
+    strategy = _build_gated_strategy(config, params, recorder)
     run_dir = make_run_dir(config["output-dir"], f"run-{context.run_id}")
     logger.info("flower-medimg: writing outputs to %s", run_dir)
 

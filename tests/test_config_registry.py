@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 from flwr.serverapp import strategy as flwr_strategy
+from flwr.serverapp.strategy import FedAvg
 
 from flower_medimg.config import DEFAULTS, resolve_config, section
 from flower_medimg.strategies.registry import (
@@ -67,6 +68,20 @@ def test_registry_builds_each_flower_strategy(name):
     assert isinstance(strategy, flwr_strategy.Strategy)
     assert strategy.fraction_train == 0.5
     assert strategy.min_train_nodes == 3
+
+
+OUR_NAMES = [
+    "fast-fedavg", "fast-fedmedian", "fast-fedtrimmedavg", "fedcostwavg",
+    "fedfocus", "dos", "fednova", "cyclic",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", OUR_NAMES)
+def test_registry_builds_each_of_our_strategies(name):
+    strategy = build_strategy(name, {"min-train-nodes": 3}, max_update_norm=5.0)
+    assert isinstance(strategy, FedAvg)  # drop-in: a Flower FedAvg subclass
+    assert strategy.min_train_nodes == 3
+    assert strategy.max_update_norm == 5.0
 
 
 def test_registry_passes_strategy_specific_parameters():

@@ -121,3 +121,28 @@ def test_flwr_run_cli(tmp_path):
     summary = json.loads((run_dirs[0] / "metrics.json").read_text())
     assert len(summary["rounds"]) == 2
     assert load_global_model(run_dirs[0]) is not None
+
+
+@pytest.mark.slow
+def test_nan_site_is_dropped_by_the_gate_and_the_model_stays_finite(tmp_path):
+    config = {
+        **TINY,
+        "output-dir": str(tmp_path),
+        "attack.kind": "nan",
+        "attack.sites": "1",
+        "strategy.name": "fedavg",  # Flower's own FedAvg, behind the quality gate
+    }
+    run_simulation(
+        server_app=make_server_app(**config),
+        client_app=make_client_app(**config),
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    (run_dir,) = tmp_path.iterdir()
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    for entry in summary["rounds"]:
+        assert entry["train"]["gate-rejected"] == 1
+        assert entry["train"]["gate-accepted"] == 2
+        assert 0.0 <= entry["central"]["dice"] <= 1.0
+    state = torch.load(run_dir / "global_model.pt")
+    assert all(torch.isfinite(v.float()).all() for v in state.values())

@@ -37,7 +37,8 @@ class CyclicIncremental(FastFedAvg):
     every cycle, as FLamby's ``Cyclic(deterministic_cycle=False)``): with ``K``
     nodes, rounds 1..2K train nodes 1, 2, ..., K, 1, 2, ..., K. A node whose reply
     fails or is rejected leaves the model unchanged and the next round moves on to
-    the next node (the cycle never stalls); disconnected nodes are skipped. One cycle through all nodes with
+    the next node (the cycle never stalls); disconnected nodes are skipped. One
+    cycle through all nodes with
     ``num_rounds = K`` is IIL. Evaluation is federated over ``fraction_evaluate`` of
     the nodes, as in FedAvg, so that the best model across institutions can be
     tracked.

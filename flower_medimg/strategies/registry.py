@@ -9,7 +9,16 @@ from typing import Any
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import Strategy
 
-__all__ = ["STRATEGIES", "build_strategy", "strategy_parameters"]
+from .cyclic import CyclicIncremental
+from .dos import DistanceOutlierSuppression
+from .fast_fedavg import FastFedAvg
+from .fast_fedmedian import FastFedMedian
+from .fast_fedtrimmedavg import FastFedTrimmedAvg
+from .fedcostwavg import FedCostWAvg
+from .fedfocus import FedFocus
+from .fednova import FedNova
+
+__all__ = ["SELF_CHECKING", "STRATEGIES", "build_strategy", "strategy_parameters"]
 
 #: Strategy names accepted by the run config's ``strategy.name``.
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -24,7 +33,18 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "krum": flwr_strategy.Krum,
     "multikrum": flwr_strategy.MultiKrum,
     "bulyan": flwr_strategy.Bulyan,
+    "fast-fedavg": FastFedAvg,
+    "fast-fedmedian": FastFedMedian,
+    "fast-fedtrimmedavg": FastFedTrimmedAvg,
+    "fedcostwavg": FedCostWAvg,
+    "fedfocus": FedFocus,
+    "dos": DistanceOutlierSuppression,
+    "fednova": FedNova,
+    "cyclic": CyclicIncremental,
 }
+
+#: Strategies that check every reply themselves (the quality gate's checks).
+SELF_CHECKING: tuple[type[Strategy], ...] = (FastFedAvg,)
 
 
 def strategy_parameters(name: str) -> list[str]:
