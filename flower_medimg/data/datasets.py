@@ -28,6 +28,7 @@ from monai.transforms import (
     ScaleIntensityd,
 )
 
+from flower_medimg.config import DEFAULTS
 from flower_medimg.data.site_folder import DATALIST_NAME, SPLITS, load_datalist
 from flower_medimg.data.synthetic import TASKS, synthetic_site, synthetic_test_set
 
@@ -46,15 +47,18 @@ __all__ = [
 ]
 
 DATA_DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "model.spatial-dims": 2,
-    "data.image-size": 64,
-    "data.samples-per-site": 32,
-    "data.val-fraction": 0.25,
-    "data.quantity-skew": 0.5,
-    "data.scanner-shift": 1.0,
-    "data.label-skew": 0.0,
-    "data.num-classes": 2,
+    key: DEFAULTS[key]
+    for key in (
+        "seed",
+        "model.spatial-dims",
+        "data.image-size",
+        "data.samples-per-site",
+        "data.val-fraction",
+        "data.quantity-skew",
+        "data.scanner-shift",
+        "data.label-skew",
+        "data.num-classes",
+    )
 }
 """Run-config keys the data layer reads, with their defaults."""
 
