@@ -170,3 +170,25 @@ def test_gate_delegates_everything_else():
     assert len(evaluate) == 2
     with pytest.raises(TypeError):
         QualityGate(object())
+
+
+def test_gate_keeps_integer_buffers_integer_across_rounds():
+    # Flower's FedAvg returns int64 BatchNorm counters as float64; the gate casts
+    # them back so the next round's int64 replies still match the global model
+    gate = QualityGate(FedAvg())
+    arrays = ArrayRecord(
+        {"w": Array(np.zeros(3, np.float32)), "n": Array(np.array(4, np.int64))}
+    )
+    for server_round in (1, 2):
+        gate.current_arrays = arrays
+        replies = [
+            reply(node, {"w": np.full(3, node, np.float32), "n": np.array(5, np.int64)})
+            for node in (1, 2)
+        ]
+        arrays, metrics = gate.aggregate_train(server_round, replies)
+        assert metrics["gate-accepted"] == 2
+        assert metrics["gate-rejected"] == 0
+        assert arrays["n"].dtype == "int64"
+        assert tuple(arrays["n"].shape) == ()
+        assert arrays["n"].numpy() == 5
+        np.testing.assert_allclose(arrays["w"].numpy(), 1.5)

@@ -240,7 +240,7 @@ def _attacked(
     global_arrays = {k: v.numpy() for k, v in received.items()}
     local_arrays = {k: v.numpy() for k, v in trained.items()}
     sent = apply_attack(kind, global_arrays, local_arrays, np.random.default_rng(seed))
-    return ArrayRecord({k: np.ascontiguousarray(v) for k, v in sent.items()})
+    return ArrayRecord({k: np.require(v, requirements="C") for k, v in sent.items()})
 
 
 def _evaluate(msg: Message, context: Context, config: dict[str, Any]) -> Message:

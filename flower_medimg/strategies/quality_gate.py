@@ -6,13 +6,38 @@ from collections.abc import Iterable, Sequence
 from logging import ERROR, INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from .fast_fedavg import KEY_ACCEPTED, KEY_REJECTED
 from .quality import screen_replies
+
+
+def restore_layout(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """Give aggregated arrays the dtypes and shapes of the global model they replace.
+
+    Flower's ``FedAvg`` returns BatchNorm's ``num_batches_tracked`` (a 0-d int64) as a
+    float64 array of shape (1,). Left so, the next round's replies would no longer
+    match the global model and every one would be rejected; integers are therefore
+    rounded back, other dtypes cast back and same-size shapes restored.
+    """
+    for key, array in arrays.items():
+        if key not in reference:
+            continue
+        target = reference[key]
+        if array.dtype == target.dtype and list(array.shape) == list(target.shape):
+            continue
+        values = array.numpy()
+        if np.issubdtype(np.dtype(target.dtype), np.integer):
+            values = np.rint(values)
+        restored = np.array(values, dtype=target.dtype)  # stays an ndarray, even 0-d
+        if restored.size == int(np.prod(target.shape)):
+            restored = restored.reshape(target.shape)
+        arrays[key] = Array(restored)
+    return arrays
 
 
 class QualityGate(Strategy):
@@ -150,6 +175,8 @@ class QualityGate(Strategy):
             return None, None
         if arrays is None and metrics is None:
             return None, None
+        if arrays is not None and self.current_arrays is not None:
+            arrays = restore_layout(arrays, self.current_arrays)
         metrics = MetricRecord() if metrics is None else metrics
         metrics[KEY_ACCEPTED] = num_accepted
         metrics[KEY_REJECTED] = num_rejected
