@@ -94,16 +94,21 @@ def utility(rounds: int) -> None:
         "model.channels": "8,16,32,64",
         "data.num-classes": 3,
         "data.label-skew": 5.0,
+        "data.samples-per-site": 64,
+        "data.quantity-skew": 0.0,
     }
     for name, extra in (
         ("FedAvg", {}),
         ("FLOP (private head)", {"private-params": "head"}),
     ):
         rounds_out = simulate({**skew, **extra})["rounds"]
-        sites = [c["accuracy"] for c in rounds_out[-1]["clients-evaluate"]]
+        sites = rounds_out[-1]["clients-evaluate"]
+        accuracy = [c["accuracy"] for c in sites]
+        loss = [c["eval-loss"] for c in sites]
         print(
-            f"{name:24s} mean site accuracy {np.mean(sites):.4f}  "
-            f"worst site {min(sites):.4f}  per site {[round(a, 3) for a in sites]}"
+            f"{name:24s} site accuracy mean {np.mean(accuracy):.4f} "
+            f"worst {min(accuracy):.4f} | site eval loss mean {np.mean(loss):.4f} "
+            f"worst {max(loss):.4f}"
         )
 
 
