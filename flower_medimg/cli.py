@@ -1,0 +1,65 @@
+"""The ``flower-medimg`` command.
+
+``flower-medimg data ...``
+    Write synthetic site folders (same as ``python -m flower_medimg.data``).
+``flower-medimg federation up|down|status``
+    Run a secure federation (TLS, SuperNode authentication) on this machine.
+``flower-medimg federation certs|keygen``
+    Make the TLS certificates and SuperNode keys of a real deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from flower_medimg.federation.cli import add_federation_parser, run_federation
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of ``flower-medimg``."""
+    parser = argparse.ArgumentParser(
+        prog="flower-medimg",
+        description="Federated medical imaging on Flower and MONAI.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "data",
+        help="write synthetic site folders (see `flower-medimg data --help`)",
+        add_help=False,
+    )
+    add_federation_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``flower-medimg``.
+
+    Parameters
+    ----------
+    argv : Sequence[str], optional
+        Arguments without the program name; ``None`` reads ``sys.argv``.
+
+    Returns
+    -------
+    int
+        Exit status.
+    """
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "data":
+        from flower_medimg.data.cli import main as data_main
+
+        return data_main(args_list[1:])
+    args = build_parser().parse_args(args_list)
+    try:
+        return run_federation(args)
+    except (RuntimeError, FileNotFoundError, ValueError) as err:
+        print(f"flower-medimg: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
