@@ -1,24 +1,28 @@
-"""Never wait forever for sites: a deadline on Flower's wait for connected nodes.
+"""Never wait forever for sites, and say which site did not answer.
 
 Flower's strategies sample nodes with ``sample_nodes``, which polls
 ``grid.get_node_ids()`` once a second until ``min_available_nodes`` are connected,
 without a time limit: a federation whose hospitals went offline hangs for ever.
 :class:`NodeDeadlineGrid` wraps the Grid handed to ``Strategy.start`` and raises a
 clear error once too few nodes have been connected for longer than the deadline.
+
+It also names the sites that sent no valid reply in a round: Flower 1.42 reports a
+vanished SuperNode's stand-in error as coming from the SuperLink (node 1) and does
+not log a reply that timed out at all.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
 from typing import Any
 
+from flwr.app import Message
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 __all__ = ["NodeDeadlineGrid", "TooFewNodesError"]
-
-logger = logging.getLogger(__name__)
 
 
 class TooFewNodesError(RuntimeError):
@@ -77,13 +81,34 @@ class NodeDeadlineGrid:
     def wait_for_nodes(self, poll_interval: float = 1.0) -> list[int]:
         """Block until ``required_nodes`` are connected; return their ids."""
         while len(node_ids := list(self.get_node_ids())) < self.required_nodes:
-            logger.info(
+            log(
+                INFO,
                 "Waiting for sites: %d of %d connected",
                 len(node_ids),
                 self.required_nodes,
             )
             time.sleep(poll_interval)
         return node_ids
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Send, wait for the replies, and log every node without a valid reply."""
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
+        missing = sorted({m.metadata.dst_node_id for m in messages} - answered)
+        if missing:
+            kinds = sorted({m.metadata.message_type for m in messages})
+            log(
+                WARNING,
+                "No valid %s reply from node(s) %s (failed, disconnected or timed "
+                "out); going on with the %d that replied",
+                "/".join(kinds),
+                missing,
+                len(answered),
+            )
+        return replies
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)

@@ -9,11 +9,12 @@ deployment runtime (SuperLink + one SuperNode per hospital).
 
 from __future__ import annotations
 
-import logging
+from logging import INFO
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from monai.data import DataLoader
@@ -31,8 +32,6 @@ from flower_medimg.strategies import QualityGate
 from flower_medimg.strategies.registry import SELF_CHECKING, build_strategy
 
 __all__ = ["app", "central_evaluator", "make_server_app", "run_experiment"]
-
-logger = logging.getLogger(__name__)
 
 
 def central_evaluator(config: dict[str, Any]):
@@ -117,7 +116,8 @@ def run_experiment(grid: Grid, context: Context, config: dict[str, Any]) -> dict
 
     central = None
     if config["central-eval"] and private:
-        logger.info(
+        log(
+            INFO,
             "flower-medimg: central evaluation skipped: the global model has no "
             "private parameters (private-params=%s); see the sites' evaluation",
             config["private-params"],
@@ -128,7 +128,7 @@ def run_experiment(grid: Grid, context: Context, config: dict[str, Any]) -> dict
     params = section(config, "strategy")
     strategy = _build_gated_strategy(config, params, recorder)
     run_dir = make_run_dir(config["output-dir"], f"run-{context.run_id}")
-    logger.info("flower-medimg: writing outputs to %s", run_dir)
+    log(INFO, "flower-medimg: writing outputs to %s", run_dir)
 
     required_nodes = max(
         int(params.get("min-available-nodes", 0)), int(params.get("min-train-nodes", 0))

@@ -226,8 +226,9 @@ def test_site_killed_mid_run(federation, tmp_path):
     "Node Unavailable" error, which FedAvg counts as a failure and skips; later
     rounds sample only online nodes. `round-timeout` (90 s) is above both that
     window and the live sites' training time on a loaded 2-core machine. Flower
-    logs that error with the SuperLink's id, not the site's, so the missing site is
-    named by `flower_medimg.federation.status`, which maps node ids to site names.
+    logs that error with the SuperLink's id, not the site's; our ServerApp names
+    the node that gave no valid reply, and `flower_medimg.federation.status` maps
+    node ids to site names.
     """
     fed = federation
     victim = fed.site("site-2")
@@ -281,6 +282,7 @@ def test_site_killed_mid_run(federation, tmp_path):
     assert trained == [3, 2, 2], (trained, log[-3000:])
     assert "Received 2 results and 1 failures" in log, log[-3000:]
     assert "Node Unavailable" in log
+    assert f"No valid train reply from node(s) [{victim.node_id}]" in log, log[-3000:]
     sites = status(fed.folder)["sites"]
     assert sites["site-2"]["status"] == "offline", sites
     assert sites["site-2"]["node-id"] == victim.node_id

@@ -1,4 +1,7 @@
+import logging
+
 import pytest
+from flwr.app import Error, Message, Metadata, RecordDict
 
 from flower_medimg.node_deadline import NodeDeadlineGrid, TooFewNodesError
 
@@ -38,3 +41,42 @@ def test_shortfall_raises_after_deadline_and_resets_on_recovery():
         TooFewNodesError, match=r"Only 1 node\(s\) connected .* needs 2"
     ):
         grid.get_node_ids()
+
+
+def _message(src, dst, error=False):
+    metadata = Metadata(
+        run_id=1, message_id="", src_node_id=src, dst_node_id=dst,
+        reply_to_message_id="", group_id="1", created_at=0.0, ttl=60.0,
+        message_type="train",
+    )  # fmt: skip
+    if error:
+        return Message(Error(code=0, reason="Node Unavailable"), metadata=metadata)
+    return Message(RecordDict(), metadata=metadata)
+
+
+class ReplyingGrid(ListGrid):
+    """Answers for the nodes in ``healthy``; a dead node's error comes from node 1."""
+
+    def __init__(self, node_ids, healthy):
+        super().__init__(node_ids)
+        self.healthy = healthy
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            dst = msg.metadata.dst_node_id
+            if dst in self.healthy:
+                replies.append(_message(dst, 1))
+            elif dst == 12:  # the SuperLink answers for a vanished SuperNode
+                replies.append(_message(1, 1, error=True))
+            # node 13 times out: no reply at all
+        return replies
+
+
+def test_nodes_without_a_valid_reply_are_named(caplog):
+    grid = NodeDeadlineGrid(ReplyingGrid([10, 11, 12, 13], {10, 11}), 2, 60)
+    sent = [_message(1, node) for node in (10, 11, 12, 13)]
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        replies = grid.send_and_receive(sent, timeout=5)
+    assert len(replies) == 3
+    assert "No valid train reply from node(s) [12, 13]" in caplog.text

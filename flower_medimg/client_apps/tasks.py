@@ -6,13 +6,14 @@ validation split) and by the ServerApp (central evaluation on a server-held set)
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from logging import WARNING
 
 import numpy as np
 import torch
+from flwr.common.logger import log
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, compute_roc_auc
 from monai.networks.utils import one_hot
@@ -24,8 +25,6 @@ __all__ = [
     "Task",
     "get_task",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -142,7 +141,7 @@ class ClassificationTask(Task):
 
 def _auroc(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
     if len(torch.unique(labels)) < 2:
-        logger.warning("AUROC undefined: the split holds a single class; reported 0.5")
+        log(WARNING, "AUROC undefined: the split holds a single class; reported 0.5")
         return 0.5
     if num_classes == 2:
         return float(compute_roc_auc(probs[:, 1], labels))
@@ -175,7 +174,7 @@ def _mean_defined(values: np.ndarray, name: str) -> float:
     """Mean over the classes where ``name`` is defined (NaN, logged, if none is)."""
     defined = values[np.isfinite(values)]
     if defined.size == 0:
-        logger.warning("%s undefined: the split holds no example of the class", name)
+        log(WARNING, "%s undefined: the split holds no example of the class", name)
         return math.nan
     return float(defined.mean())
 
