@@ -115,3 +115,31 @@ def test_unknown_run_config_key_names_it(setup):
     app = make_client_app(**TINY)
     with pytest.raises(KeyError, match="model.nmae"):
         app(_message(arrays, "train"), _context({"model.nmae": "unet"}))
+
+
+@pytest.mark.parametrize("kind", ["sign-flip", "nan", "free-rider", "mismatched-keys"])
+def test_attacking_site_sends_the_attacked_arrays(setup, kind):
+    _, arrays = setup
+    overrides = {**TINY, "attack.kind": kind, "attack.sites": "1"}
+    app = make_client_app(**overrides)
+    reply = app(_message(arrays, "train"), _context({}, partition_id=1))
+    assert not reply.has_error()
+    sent = reply.content["arrays"]
+    honest = make_client_app(**TINY)(_message(arrays, "train"), _context({}))
+    key = next(iter(honest.content["arrays"].keys()))
+    received = arrays[key].numpy()
+    trained = honest.content["arrays"][key].numpy()
+    if kind == "sign-flip":  # theta_g - 3 (theta_k - theta_g), same local training
+        expected = received - 3 * (trained - received)
+        assert torch.allclose(
+            torch.from_numpy(sent[key].numpy()), torch.from_numpy(expected), atol=1e-5
+        )
+    elif kind == "nan":
+        assert torch.isnan(torch.from_numpy(sent[key].numpy())).all()
+    elif kind == "free-rider":
+        assert (sent[key].numpy() == received).all()
+    else:
+        assert set(sent.keys()) != set(arrays.keys())
+    # a site not listed in attack.sites trains honestly
+    other = app(_message(arrays, "train"), _context({}, partition_id=2))
+    assert set(other.content["arrays"].keys()) == set(arrays.keys())

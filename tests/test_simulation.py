@@ -124,7 +124,7 @@ def test_flwr_run_cli(tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_site_is_dropped_by_the_gate_and_the_model_stays_finite(tmp_path):
+def test_nan_site_is_dropped_by_the_gate_and_the_model_stays_finite(tmp_path, caplog):
     config = {
         **TINY,
         "output-dir": str(tmp_path),
@@ -146,3 +146,6 @@ def test_nan_site_is_dropped_by_the_gate_and_the_model_stays_finite(tmp_path):
         assert 0.0 <= entry["central"]["dice"] <= 1.0
     state = torch.load(run_dir / "global_model.pt")
     assert all(torch.isfinite(v.float()).all() for v in state.values())
+    # rejected for its NaN values (a crashed attacker would be an error reply)
+    assert "arrays contain non-finite values" in caplog.text
+    assert "Received error in reply" not in caplog.text

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from monai.data import DataLoader
@@ -240,7 +240,9 @@ def _attacked(
     global_arrays = {k: v.numpy() for k, v in received.items()}
     local_arrays = {k: v.numpy() for k, v in trained.items()}
     sent = apply_attack(kind, global_arrays, local_arrays, np.random.default_rng(seed))
-    return ArrayRecord({k: np.require(v, requirements="C") for k, v in sent.items()})
+    return ArrayRecord(
+        {k: Array(np.require(v, requirements="C")) for k, v in sent.items()}
+    )
 
 
 def _evaluate(msg: Message, context: Context, config: dict[str, Any]) -> Message:
