@@ -205,6 +205,34 @@ class _UserLevelMixin:
     clipping_norm: float
     num_sampled_clients: int
 
+    # pylint: disable=too-many-arguments
+    def __init__(
+        self,
+        strategy: Strategy,
+        noise_multiplier: float,
+        clipping_norm: float,
+        num_sampled_clients: int,
+        *,
+        delta: float = 1e-5,
+        allow_data_dependent_weights: bool = False,
+    ) -> None:
+        super().__init__(  # the Flower wrapper next in the MRO
+            strategy, noise_multiplier, clipping_norm, num_sampled_clients
+        )
+        self._setup_user_level(delta, allow_data_dependent_weights)
+
+    def summary(self) -> None:
+        """Log summary configuration of the strategy."""
+        self._log_user_level()
+        super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Configure the next round of training and remember the global arrays."""
+        self._remember(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
     def _setup_user_level(
         self, delta: float, allow_data_dependent_weights: bool
     ) -> None:
@@ -343,34 +371,8 @@ class UserLevelDPServerSideFixedClipping(
         Accept an inner strategy whose weights depend on the clients' data.
     """
 
-    # pylint: disable=too-many-arguments
-    def __init__(
-        self,
-        strategy: Strategy,
-        noise_multiplier: float,
-        clipping_norm: float,
-        num_sampled_clients: int,
-        *,
-        delta: float = 1e-5,
-        allow_data_dependent_weights: bool = False,
-    ) -> None:
-        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
-        self._setup_user_level(delta, allow_data_dependent_weights)
-
     def __repr__(self) -> str:
         return "User-level DP Strategy Wrapper (Server-Side Fixed Clipping)"
-
-    def summary(self) -> None:
-        """Log summary configuration of the strategy."""
-        self._log_user_level()
-        super().summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Configure the next round of training and remember the global arrays."""
-        self._remember(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -426,34 +428,8 @@ class UserLevelDPClientSideFixedClipping(
         Accept an inner strategy whose weights depend on the clients' data.
     """
 
-    # pylint: disable=too-many-arguments
-    def __init__(
-        self,
-        strategy: Strategy,
-        noise_multiplier: float,
-        clipping_norm: float,
-        num_sampled_clients: int,
-        *,
-        delta: float = 1e-5,
-        allow_data_dependent_weights: bool = False,
-    ) -> None:
-        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
-        self._setup_user_level(delta, allow_data_dependent_weights)
-
     def __repr__(self) -> str:
         return "User-level DP Strategy Wrapper (Client-Side Fixed Clipping)"
-
-    def summary(self) -> None:
-        """Log summary configuration of the strategy."""
-        self._log_user_level()
-        super().summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Configure the next round of training and remember the global arrays."""
-        self._remember(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
