@@ -1,7 +1,8 @@
 import logging
 
 import pytest
-from flwr.app import Error, Message, Metadata, RecordDict
+from flwr.app import Error, Message, RecordDict
+from reply_messages import reply_metadata
 
 from flower_medimg.node_deadline import NodeDeadlineGrid, TooFewNodesError
 
@@ -44,11 +45,7 @@ def test_shortfall_raises_after_deadline_and_resets_on_recovery():
 
 
 def _message(src, dst, error=False):
-    metadata = Metadata(
-        run_id=1, message_id="", src_node_id=src, dst_node_id=dst,
-        reply_to_message_id="", group_id="1", created_at=0.0, ttl=60.0,
-        message_type="train",
-    )  # fmt: skip
+    metadata = reply_metadata(src, dst)
     if error:
         return Message(Error(code=0, reason="Node Unavailable"), metadata=metadata)
     return Message(RecordDict(), metadata=metadata)

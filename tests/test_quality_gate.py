@@ -8,13 +8,10 @@ from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
-    Message,
-    Metadata,
-    MetricRecord,
-    RecordDict,
 )
 from flwr.serverapp.strategy import FedAvg, FedMedian, Krum, Strategy
 from flwr.supercore.task_identity import TaskIdentity
+from reply_messages import train_reply
 
 from flower_medimg.strategies import DistanceOutlierSuppression, QualityGate
 
@@ -38,24 +35,7 @@ def flwr_log(caplog):
 
 
 def reply(node_id, arrays, num_examples=10):
-    metadata = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=node_id,
-        dst_node_id=0,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=0.0,
-        ttl=60.0,
-        message_type="train",
-    )
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
-            "metrics": MetricRecord({"num-examples": num_examples, "loss": 0.5}),
-        }
-    )
-    return Message(content, metadata=metadata)
+    return train_reply(node_id, arrays, {"num-examples": num_examples, "loss": 0.5})
 
 
 def model(seed):

@@ -10,12 +10,12 @@ from flwr.app import (
     ConfigRecord,
     Error,
     Message,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
+from reply_messages import reply_metadata, train_reply
 
 from flower_medimg.strategies import (
     CyclicIncremental,
@@ -56,31 +56,13 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, 1)
 
 
-def _metadata(node_id):
-    return Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=node_id,
-        dst_node_id=0,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=0.0,
-        ttl=60.0,
-        message_type="train",
-    )
-
-
 def reply(node_id, arrays, **metrics):
     """A train reply from ``node_id`` as a ClientApp would send it."""
-    record = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
-    content = RecordDict(
-        {"arrays": record, "metrics": MetricRecord({**METRICS, **metrics})}
-    )
-    return Message(content, metadata=_metadata(node_id))
+    return train_reply(node_id, arrays, {**METRICS, **metrics})
 
 
 def error_reply(node_id):
-    return Message(Error(code=1, reason="boom"), metadata=_metadata(node_id))
+    return Message(Error(code=1, reason="boom"), metadata=reply_metadata(node_id))
 
 
 def theta(*values):
@@ -348,7 +330,7 @@ def test_missing_required_metric_drops_the_reply(caplog):
                 "metrics": MetricRecord(metrics),
             }
         ),
-        metadata=_metadata(8),
+        metadata=reply_metadata(8),
     )
     result, metrics_out = FedCostWAvg().aggregate_train(
         1, [reply(1, theta(1.0)), reply(2, theta(3.0)), odd]

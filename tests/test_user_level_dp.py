@@ -9,9 +9,7 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
-    Error,
     Message,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
@@ -25,6 +23,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.simulation import run_simulation
 from opacus.accountants import RDPAccountant
+from reply_messages import error_reply, train_reply
 
 from flower_medimg.privacy import (
     UserLevelDPClientSideFixedClipping,
@@ -61,27 +60,10 @@ class FakeGrid:
 
 
 def reply(node_id, arrays, unit_weight=1, error=False):
-    metadata = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=node_id,
-        dst_node_id=0,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=0.0,
-        ttl=60.0,
-        message_type="train",
-    )
     if error:
-        return Message(Error(code=0, reason="site failed"), metadata=metadata)
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
-            "metrics": MetricRecord({"num-examples": 10 * node_id, "unit-weight": 1}),
-        }
-    )
-    content["metrics"]["unit-weight"] = unit_weight
-    return Message(content, metadata=metadata)
+        return error_reply(node_id)
+    metrics = {"num-examples": 10 * node_id, "unit-weight": unit_weight}
+    return train_reply(node_id, arrays, metrics)
 
 
 def run_round(strategy, server_round, global_, locals_):
