@@ -49,6 +49,11 @@ DEFAULTS: dict[str, Any] = {
     "strategy.min-evaluate-nodes": 2,
     "strategy.min-available-nodes": 2,
     "private-params": "none",
+    "method.names": "",
+    "method.harmofl-window": 0.0,
+    "method.harmofl-momentum": 0.1,
+    "method.harmofl-alpha": 0.05,
+    "sim.dropout": 0.0,
     "dp.noise-multiplier": 0.0,
     "dp.target-epsilon": 0.0,
     "dp.max-grad-norm": 1.0,
@@ -67,6 +72,21 @@ DEFAULTS: dict[str, Any] = {
     "privacy.release-epsilon": 0.0,
     "attack.kind": "none",
     "attack.sites": "",
+    "stop.metric": "evaluate/eval-loss",
+    "stop.mode": "auto",
+    "stop.target": "",
+    "stop.patience": 0,
+    "stop.min-delta": 0.0,
+    "stop.best-metric": "",
+    "registry.path": "registry",
+    "registry.keep": "best+last",
+    "registry.resume": True,
+    "stats.enabled": True,
+    "stats.bins": 32,
+    "stats.range-min": 0.0,
+    "stats.range-max": 1.0,
+    "stats.flag-distance": 0.3,
+    "cross-site.enabled": True,
 }
 
 #: Sections whose keys are not fixed in advance: strategy parameters are checked
@@ -115,6 +135,8 @@ def resolve_config(
         "attack.kind",
         "dp.user-level",
         "privacy.filter",
+        "stop.mode",
+        "registry.keep",
     ):
         config[key] = str(config[key]).lower()
     return config

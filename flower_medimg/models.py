@@ -229,8 +229,13 @@ def model_from_config(config: dict) -> torch.nn.Module:
     The weights are initialised from the run's ``seed``, so the ServerApp and every
     ClientApp build the same initial model (private parameters start from the same
     values everywhere). With DP-SGD on, layers Opacus cannot handle are replaced
-    (BatchNorm becomes GroupNorm) on both sides.
+    (BatchNorm becomes GroupNorm) on both sides. Client-side methods that change the
+    network (HarmoFL's input amplitude normalisation, ``method.names``) are added
+    here too, so the server's global model has the same keys as the sites'.
     """
+    # imported here: the client_apps package imports this module
+    from flower_medimg.client_apps.methods import ClientMethods
+
     task = config["task"]
     out_channels = config["data.num-classes"] if task == "classification" else 2
     with torch.random.fork_rng():
@@ -240,7 +245,7 @@ def model_from_config(config: dict) -> torch.nn.Module:
         config.get("dp.target-epsilon", 0)
     ):
         model = ModuleValidator.fix(model)
-    return model
+    return ClientMethods.from_config(config).adapt_model(model, config)
 
 
 def _build_from_config(config: dict, task: str, out_channels: int) -> torch.nn.Module:

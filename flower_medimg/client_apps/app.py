@@ -40,6 +40,15 @@ from flower_medimg.models import model_from_config
 
 from .attacks import apply_attack, check_attack_kind, flip_labels
 from .dp_sgd import DPSettings, privatize
+from .dropouts import SimulatedDropoutError, dropped_out
+from .methods import (
+    ClientMethods,
+    amp_norms,
+    class_counts,
+    proximal_mu,
+    proximal_penalty,
+    weighted_loss,
+)
 from .private_params import private_keys, split_state
 from .site_mods import SVT_STATE, run_with_mods, site_mods
 from .site_state import SiteState
@@ -149,6 +158,8 @@ def _train(msg: Message, context: Context, config: dict[str, Any]) -> Message:
     started = time.perf_counter()
     train_config = msg.content.get("config", {})
     server_round = int(train_config.get("server-round", 0))
+    if dropped_out(config, context, server_round):
+        raise SimulatedDropoutError(f"simulated dropout in round {server_round}")
     seed = site_seed(config, context, server_round)
     torch.manual_seed(seed)
     task = get_task(config["task"])
@@ -156,13 +167,27 @@ def _train(msg: Message, context: Context, config: dict[str, Any]) -> Message:
     state = SiteState(context)
     attack = _attack(config, context)
     dp = DPSettings.from_config(config)
+    methods = ClientMethods.from_config(config)
+    mu = proximal_mu(train_config)
+    if mu > 0 and dp is not None:
+        raise ValueError(
+            "FedProx (proximal-mu > 0) cannot run with DP-SGD: Opacus replaces the "
+            "gradient with the clipped per-sample one, dropping the proximal term"
+        )
 
     site_model = _SiteModel(config, state)
     site_model.load(msg.content["arrays"])
     model = site_model.model.to(dev)
+    for amp_norm in amp_norms(model):  # HarmoFL: shared amplitude fixed after round 1
+        amp_norm.fixed = bool(train_config.get("fix-amp", server_round > 1))
+    penalty = proximal_penalty(model, site_model.private, mu)
     shuffled, ordered, _, num_examples = _loaders(config, context, seed)
     loss_fn = task.loss_fn()
     loss_before = mean_loss(model, ordered, loss_fn, dev)
+    train_loss = loss_fn
+    if methods.class_weights:
+        counts = _class_counts(config, ordered.dataset)
+        train_loss = weighted_loss(config["task"], counts).to(dev)
 
     momentum = float(config["train.momentum"])
     optimizer = make_optimizer(
@@ -198,7 +223,16 @@ def _train(msg: Message, context: Context, config: dict[str, Any]) -> Message:
             else None
         )
         batches = _ReIterable(lambda: _flipped(shuffled, num_classes))
-    result = train_local(train_model, batches, loss_fn, optimizer, epochs, dev)
+    result = train_local(
+        train_model,
+        batches,
+        train_loss,
+        optimizer,
+        epochs,
+        dev,
+        penalty=penalty,
+        perturbation=methods.perturbation,
+    )
     loss_after = mean_loss(model, ordered, loss_fn, dev)
 
     sgd_momentum = momentum if config["train.optimizer"] == "sgd" else 0.0
@@ -222,6 +256,14 @@ def _train(msg: Message, context: Context, config: dict[str, Any]) -> Message:
     return Message(
         RecordDict({"arrays": arrays, "metrics": MetricRecord(values)}), reply_to=msg
     )
+
+
+def _class_counts(config: Mapping[str, Any], dataset) -> np.ndarray:
+    """Local class counts: images per class, or mask voxels per class."""
+    num_classes = (
+        int(config["data.num-classes"]) if config["task"] == "classification" else 2
+    )
+    return class_counts((item["label"] for item in dataset), num_classes)
 
 
 class _ReIterable:
@@ -253,6 +295,8 @@ def _evaluate(msg: Message, context: Context, config: dict[str, Any]) -> Message
     site_model.load(msg.content["arrays"])
     _, _, validation, _ = _loaders(config, context, seed=0)
     values = task.evaluate(site_model.model.to(dev), validation, dev)
+    if "partition-id" in context.node_config:  # simulation: which site this is
+        values["partition-id"] = int(context.node_config["partition-id"])
     metrics = MetricRecord(
         {
             "num-examples": len(validation.dataset),

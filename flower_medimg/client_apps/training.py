@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+
+from .methods.harmofl import perturbed_step
 
 __all__ = [
     "LocalTrainingResult",
@@ -48,6 +51,9 @@ def train_local(
     optimizer: torch.optim.Optimizer,
     epochs: int,
     device: torch.device,
+    *,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    perturbation: float = 0.0,
 ) -> LocalTrainingResult:
     """Train ``model`` in place for ``epochs`` passes over ``batches``.
 
@@ -65,6 +71,12 @@ def train_local(
         Number of local epochs.
     device : torch.device
         Where the batches go.
+    penalty : callable, optional
+        A term added to every batch's loss, e.g. FedProx's proximal term
+        (:func:`~flower_medimg.client_apps.methods.proximal_penalty`).
+    perturbation : float
+        HarmoFL's weight-perturbation radius; ``> 0`` makes every step a
+        :func:`~flower_medimg.client_apps.methods.perturbed_step`.
 
     Returns
     -------
@@ -81,10 +93,16 @@ def train_local(
                 empty += 1
                 continue
             label = _as_target(batch["label"], loss_fn).to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(image), label)
-            loss.backward()
-            optimizer.step()
+            objective = functools.partial(
+                _objective, model, loss_fn, image, label, penalty
+            )
+            if perturbation > 0:
+                loss = perturbed_step(model, objective, optimizer, perturbation)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                loss = objective()
+                loss.backward()
+                optimizer.step()
             steps += 1
             samples += image.shape[0]
             loss_sum += float(loss.detach()) * image.shape[0]
@@ -126,6 +144,17 @@ def nova_a(steps: int, momentum: float = 0.0) -> float:
         return float(steps)
     rho = momentum
     return (steps - rho * (1 - rho**steps) / (1 - rho)) / (1 - rho)
+
+
+def _objective(
+    model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    image: torch.Tensor,
+    label: torch.Tensor,
+    penalty: Callable[[], torch.Tensor] | None,
+) -> torch.Tensor:
+    loss = loss_fn(model(image), label)
+    return loss if penalty is None else loss + penalty().to(loss.device)
 
 
 def _as_target(label: torch.Tensor, loss_fn: torch.nn.Module) -> torch.Tensor:
