@@ -1,4 +1,8 @@
-"""ServerApp: run config -> model -> strategy -> ``start`` -> outputs.
+"""ServerApp: run config -> model -> strategy -> rounds with a lifecycle -> outputs.
+
+The rounds run through :func:`flower_medimg.lifecycle.run_lifecycle` (the same calls
+as ``Strategy.start``, plus data statistics, a stop rule, the model registry,
+resume and the audit log).
 
 The global model holds only the shared parameters: with ``private-params`` set, the
 initial arrays leave out the private keys, which stay at the sites.
@@ -24,6 +28,7 @@ from flower_medimg.client_apps.private_params import private_keys, split_state
 from flower_medimg.client_apps.tasks import get_task
 from flower_medimg.config import resolve_config, section
 from flower_medimg.data import central_test_dataset
+from flower_medimg.lifecycle import run_lifecycle
 from flower_medimg.models import model_from_config
 from flower_medimg.node_deadline import NodeDeadlineGrid
 from flower_medimg.outputs import RoundRecorder, make_run_dir, write_outputs
@@ -136,22 +141,32 @@ def run_experiment(grid: Grid, context: Context, config: dict[str, Any]) -> dict
     grid = NodeDeadlineGrid(grid, required_nodes, float(config["node-wait-timeout"]))
     if config["dp.user-level"] != "none":
         strategy = _with_user_level_dp(strategy, config, params, grid)
-    num_rounds = int(config["num-server-rounds"])
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial_arrays,
-        num_rounds=num_rounds,
-        timeout=float(config["round-timeout"]),
+    outcome = run_lifecycle(
+        grid,
+        context,
+        config,
+        strategy,
+        initial_arrays,
+        recorder,
+        run_dir,
         train_config=ConfigRecord(
             {
                 "lr": float(config["train.lr"]),
                 "local-epochs": int(config["train.local-epochs"]),
             }
         ),
-        evaluate_fn=recorder.end_round,
     )
-    summary = write_outputs(run_dir, config, result, recorder, num_rounds)
+    summary = write_outputs(
+        run_dir, config, outcome.result, recorder, outcome.decision.round
+    )
     summary["run-dir"] = str(run_dir)
+    summary["stop"] = {
+        "round": outcome.decision.round,
+        "reason": outcome.decision.reason,
+        "message": outcome.decision.message,
+    }
+    summary["best-round"] = outcome.best_round
+    summary["registry-run"] = outcome.registry_run
     return summary
 
 

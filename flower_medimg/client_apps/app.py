@@ -36,6 +36,7 @@ from monai.data import DataLoader
 
 from flower_medimg.config import resolve_config
 from flower_medimg.data import site_datasets
+from flower_medimg.lifecycle.statistics import statistics_reply
 from flower_medimg.models import model_from_config
 
 from .attacks import apply_attack, check_attack_kind, flip_labels
@@ -328,7 +329,8 @@ def make_client_app(
     Returns
     -------
     ClientApp
-        A Message-API ClientApp with ``@app.train`` and ``@app.evaluate``.
+        A Message-API ClientApp with ``@app.train``, ``@app.evaluate`` and
+        ``@app.query`` (data statistics, see :mod:`flower_medimg.lifecycle`).
     """
     if task is not None:
         get_task(task)  # fail now on an unknown name
@@ -354,5 +356,11 @@ def make_client_app(
     def evaluate(msg: Message, context: Context) -> Message:
         """Evaluate the personalised global model on this site's validation split."""
         return _evaluate(msg, context, resolve_config(context.run_config, overrides))
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Summarise this site's images and labels (the statistics phase)."""
+        config = resolve_config(context.run_config, overrides)
+        return statistics_reply(msg, context, config)
 
     return app

@@ -1,0 +1,414 @@
+"""Federated data statistics: what each site's images and labels look like.
+
+Before training the server sends every site a ``query`` message with a fixed bin
+grid; each site answers with summaries of its own data only (an intensity
+histogram on that grid, voxel count, sum and sum of squares, image shapes and
+spacings, label counts), never an image. The server pools them (exactly: the
+histograms add up, mean and std follow from the sums), writes a table and a plot,
+and flags every site whose intensity histogram is far from the pooled histogram of
+the other sites (Jensen-Shannon distance). A site whose ``node_config`` sets
+``share-statistics = false`` replies with an error; it is logged and the run goes
+on without it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from PIL import Image, ImageDraw
+
+from flower_medimg.data import site_datasets
+
+__all__ = [
+    "QUERY_STATISTICS",
+    "SiteStatistics",
+    "StatisticsReport",
+    "collect_statistics",
+    "js_distance",
+    "pool_statistics",
+    "statistics_reply",
+    "summarise_site",
+]
+
+#: ``message_type`` of the statistics query.
+QUERY_STATISTICS = "query"
+#: Error code of a site that declines to share statistics.
+REFUSED = 403
+
+
+def js_distance(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon distance (base 2, in [0, 1]) between two histograms.
+
+    Both are normalised first; ``sqrt(JSD)`` with
+    ``JSD = (KL(p||m) + KL(q||m)) / 2`` and ``m = (p + q) / 2``.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    p, q = p / p.sum(), q / q.sum()
+    m = (p + q) / 2
+
+    def kl(a: np.ndarray) -> float:
+        mask = a > 0
+        return float(np.sum(a[mask] * np.log2(a[mask] / m[mask])))
+
+    return math.sqrt(max((kl(p) + kl(q)) / 2, 0.0))
+
+
+def summarise_site(
+    samples: Iterable[Mapping[str, Any]],
+    bins: int,
+    value_range: tuple[float, float],
+    num_classes: int,
+) -> dict[str, Any]:
+    """Summarise a site's images and labels (the values its reply carries).
+
+    Parameters
+    ----------
+    samples : Iterable[Mapping]
+        Dataset items with ``"image"`` (channel-first) and ``"label"`` (a mask or a
+        class index); ``image.meta["pixdim"]`` is read when present.
+    bins : int
+        Number of histogram bins on ``value_range``.
+    value_range : tuple[float, float]
+        The fixed intensity grid every site uses.
+    num_classes : int
+        Label values counted (at least; larger labels extend the counts).
+
+    Returns
+    -------
+    dict
+        ``num-images``, ``histogram`` (list of ``bins`` counts), ``below`` and
+        ``above`` (voxels outside the grid), ``count``, ``sum``, ``sum-sq``,
+        ``shape-min``/``shape-max`` (spatial shape), ``spacing-mean`` (empty if
+        unknown) and ``label-counts``.
+    """
+    lo, hi = value_range
+    histogram = np.zeros(bins, dtype=np.int64)
+    below = above = count = num_images = 0
+    total = total_sq = 0.0
+    shapes, spacings = [], []
+    labels = np.zeros(num_classes, dtype=np.int64)
+    for item in samples:
+        image = np.asarray(item["image"], dtype=np.float64)
+        num_images += 1
+        shapes.append(image.shape[1:])
+        pixdim = getattr(item["image"], "meta", {}).get("pixdim")
+        if pixdim is not None:
+            spacings.append(np.asarray(pixdim, dtype=np.float64).ravel()[1:4])
+        values = image.ravel()
+        histogram += np.histogram(values, bins=bins, range=(lo, hi))[0]
+        below += int(np.sum(values < lo))
+        above += int(np.sum(values > hi))
+        count += values.size
+        total += float(values.sum())
+        total_sq += float(np.dot(values, values))
+        label = np.asarray(item["label"]).astype(np.int64).ravel()
+        found = np.bincount(label, minlength=num_classes)
+        if found.size > labels.size:
+            labels = np.pad(labels, (0, found.size - labels.size))
+        labels[: found.size] += found
+    shape_array = np.array(shapes or [[0]], dtype=np.int64)
+    return {
+        "num-images": num_images,
+        "histogram": histogram.tolist(),
+        "below": below,
+        "above": above,
+        "count": count,
+        "sum": total,
+        "sum-sq": total_sq,
+        "shape-min": shape_array.min(axis=0).tolist(),
+        "shape-max": shape_array.max(axis=0).tolist(),
+        "spacing-mean": np.mean(spacings, axis=0).tolist() if spacings else [],
+        "label-counts": labels.tolist(),
+    }
+
+
+def _declines(node_config: Mapping[str, Any]) -> bool:
+    value = node_config.get("share-statistics", True)
+    return str(value).strip().lower() in ("false", "0", "no", "off")
+
+
+def statistics_reply(
+    msg: Message, context: Context, config: Mapping[str, Any]
+) -> Message:
+    """Answer the statistics query at a site (the ClientApp's ``query`` handler).
+
+    Replies with an error when ``node_config["share-statistics"]`` is false.
+    """
+    if _declines(context.node_config):
+        return Message(
+            Error(code=REFUSED, reason="the site declines to share data statistics"),
+            reply_to=msg,
+        )
+    query = msg.content["config"]
+    train_ds, val_ds = site_datasets(config["task"], context.node_config, config)
+    num_classes = (
+        int(config["data.num-classes"]) if config["task"] == "classification" else 2
+    )
+    values = summarise_site(
+        (item for ds in (train_ds, val_ds) for item in ds),
+        int(query["bins"]),
+        (float(query["range-min"]), float(query["range-max"])),
+        num_classes,
+    )
+    if "partition-id" in context.node_config:
+        values["partition-id"] = int(context.node_config["partition-id"])
+    return Message(RecordDict({"statistics": MetricRecord(values)}), reply_to=msg)
+
+
+@dataclass
+class SiteStatistics:
+    """One site's summaries and how they compare with the other sites."""
+
+    node_id: int
+    values: dict[str, Any]
+    distance: float = math.nan
+    flagged: bool = False
+
+    @property
+    def mean(self) -> float:
+        """Mean intensity."""
+        return self.values["sum"] / self.values["count"]
+
+    @property
+    def std(self) -> float:
+        """Intensity standard deviation."""
+        mean = self.mean
+        return math.sqrt(max(self.values["sum-sq"] / self.values["count"] - mean**2, 0))
+
+    def full_histogram(self) -> np.ndarray:
+        """Return the histogram with the below/above-range counts as end bins."""
+        v = self.values
+        return np.array([v["below"], *v["histogram"], v["above"]], dtype=np.float64)
+
+    @property
+    def label(self) -> str:
+        """Node id, with the simulation's partition id when known."""
+        partition = self.values.get("partition-id")
+        return f"{self.node_id}" + (
+            f" (site {partition})" if partition is not None else ""
+        )
+
+
+@dataclass
+class StatisticsReport:
+    """The statistics phase's result."""
+
+    sites: list[SiteStatistics] = field(default_factory=list)
+    declined: dict[int, str] = field(default_factory=dict)
+    pooled: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def flagged(self) -> list[int]:
+        """Node ids of the flagged sites."""
+        return [s.node_id for s in self.sites if s.flagged]
+
+
+def pool_statistics(
+    sites: list[SiteStatistics], flag_distance: float
+) -> dict[str, Any]:
+    """Pool the sites' summaries and flag outlying intensity distributions.
+
+    Each site's distance is the Jensen-Shannon distance between its histogram and
+    the summed histogram of all other sites; a site is flagged above
+    ``flag_distance`` (needs two sites or more). Sets ``distance`` and ``flagged``
+    on every site; returns the pooled summaries.
+    """
+    full = [s.full_histogram() for s in sites]
+    for i, site in enumerate(sites):
+        if len(sites) > 1:
+            rest = sum(h for j, h in enumerate(full) if j != i)
+            site.distance = js_distance(full[i], rest)
+            site.flagged = site.distance > flag_distance
+    count = sum(s.values["count"] for s in sites)
+    total = sum(s.values["sum"] for s in sites)
+    total_sq = sum(s.values["sum-sq"] for s in sites)
+    mean = total / count if count else math.nan
+    labels = [s.values["label-counts"] for s in sites]
+    width = max((len(c) for c in labels), default=0)
+    return {
+        "num-sites": len(sites),
+        "num-images": sum(s.values["num-images"] for s in sites),
+        "count": count,
+        "mean": mean,
+        "std": math.sqrt(max(total_sq / count - mean**2, 0.0)) if count else math.nan,
+        "histogram": np.sum([s.values["histogram"] for s in sites], axis=0).tolist()
+        if sites
+        else [],
+        "label-counts": np.sum([c + [0] * (width - len(c)) for c in labels], axis=0)
+        .astype(int)
+        .tolist()
+        if sites
+        else [],
+    }
+
+
+def _table(report: StatisticsReport) -> str:
+    lines = [
+        "| node | images | mean | std | below/above | shape | label counts "
+        "| JS distance | flagged |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in report.sites:
+        v = s.values
+        shape = "x".join(map(str, v["shape-min"]))
+        if v["shape-max"] != v["shape-min"]:
+            shape += " .. " + "x".join(map(str, v["shape-max"]))
+        lines.append(
+            f"| {s.label} | {v['num-images']} | {s.mean:.4f} | {s.std:.4f} | "
+            f"{v['below']}/{v['above']} | {shape} | {v['label-counts']} | "
+            f"{s.distance:.3f} | {'YES' if s.flagged else 'no'} |"
+        )
+    p = report.pooled
+    lines.append(
+        f"| pooled | {p['num-images']} | {p['mean']:.4f} | {p['std']:.4f} | | | "
+        f"{p['label-counts']} | | |"
+    )
+    for node_id, reason in report.declined.items():
+        lines.append(f"| {node_id} | declined: {reason} | | | | | | | |")
+    return "\n".join(lines)
+
+
+_COLOURS = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+]
+
+
+def _plot(
+    report: StatisticsReport, path: Path, value_range: tuple[float, float]
+) -> None:
+    """Draw every site's normalised histogram (flagged sites dashed) and the pool."""
+    width, height, margin = 640, 400, 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    curves = [
+        (
+            s.label + (" FLAGGED" if s.flagged else ""),
+            np.asarray(s.values["histogram"], float),
+            _COLOURS[i % len(_COLOURS)],
+        )
+        for i, s in enumerate(report.sites)
+    ]
+    curves.append(("pooled", np.asarray(report.pooled["histogram"], float), (0, 0, 0)))
+    peak = max((c.max() / max(c.sum(), 1) for _, c, _ in curves), default=1.0) or 1.0
+    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
+    for index, (name, counts, colour) in enumerate(curves):
+        share = counts / max(counts.sum(), 1)
+        xs = np.linspace(margin, width - margin, len(share))
+        ys = height - margin - share / peak * (height - 2 * margin)
+        draw.line(
+            list(zip(xs.tolist(), ys.tolist(), strict=True)), fill=colour, width=2
+        )
+        draw.text((margin + 10, margin + 5 + 12 * index), name, fill=colour)
+    draw.text((margin, height - margin + 5), f"{value_range[0]:g}", fill="black")
+    draw.text(
+        (width - margin - 20, height - margin + 5), f"{value_range[1]:g}", fill="black"
+    )
+    draw.text(
+        (width // 2 - 80, height - margin + 20),
+        "intensity (share of voxels per bin)",
+        fill="black",
+    )
+    image.save(path)
+
+
+def collect_statistics(
+    grid: Grid, config: Mapping[str, Any], out_dir: Path, timeout: float
+) -> StatisticsReport:
+    """Run the statistics phase: query every connected site, pool, flag, write.
+
+    Writes ``statistics.json``, ``statistics.md`` and ``statistics.png`` to
+    ``out_dir`` and logs the table.
+    """
+    bins = int(config["stats.bins"])
+    value_range = (float(config["stats.range-min"]), float(config["stats.range-max"]))
+    if bins < 1 or not value_range[0] < value_range[1]:
+        raise ValueError(
+            f"stats.bins must be >= 1 and stats.range-min < stats.range-max, got "
+            f"{bins}, {value_range[0]}, {value_range[1]}"
+        )
+    query = ConfigRecord(
+        {"bins": bins, "range-min": value_range[0], "range-max": value_range[1]}
+    )
+    messages = [
+        Message(
+            RecordDict({"config": query}),
+            dst_node_id=node_id,
+            message_type=QUERY_STATISTICS,
+        )
+        for node_id in sorted(grid.get_node_ids())
+    ]
+    report = StatisticsReport()
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node_id = int(reply.metadata.src_node_id)
+        if reply.has_error():
+            report.declined[node_id] = reply.error.reason
+            log(
+                WARNING,
+                "flower-medimg: node %d sent no statistics: %s",
+                node_id,
+                reply.error.reason,
+            )
+            continue
+        values = dict(reply.content["statistics"])
+        report.sites.append(SiteStatistics(node_id, values))
+    report.sites.sort(key=lambda s: s.node_id)
+    report.pooled = pool_statistics(report.sites, float(config["stats.flag-distance"]))
+    table = _table(report)
+    for line in table.splitlines():
+        log(INFO, "flower-medimg: %s", line)
+    for site in report.sites:
+        if site.flagged:
+            log(
+                WARNING,
+                "flower-medimg: node %s has a strongly different intensity "
+                "distribution (Jensen-Shannon distance %.3f to the other sites "
+                "> %g)",
+                site.label,
+                site.distance,
+                float(config["stats.flag-distance"]),
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "statistics.md").write_text(table + "\n")
+    (out_dir / "statistics.json").write_text(
+        json.dumps(
+            {
+                "sites": [
+                    {
+                        "node-id": s.node_id,
+                        **s.values,
+                        "mean": s.mean,
+                        "std": s.std,
+                        "js-distance": s.distance,
+                        "flagged": s.flagged,
+                    }
+                    for s in report.sites
+                ],
+                "declined": {str(k): v for k, v in report.declined.items()},
+                "pooled": report.pooled,
+                "bins": bins,
+                "range": list(value_range),
+            },
+            indent=2,
+        )
+    )
+    if report.sites:
+        _plot(report, out_dir / "statistics.png", value_range)
+    return report
