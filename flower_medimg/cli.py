@@ -6,6 +6,10 @@
     Run a secure federation (TLS, SuperNode authentication) on this machine.
 ``flower-medimg federation certs|keygen``
     Make the TLS certificates and SuperNode keys of a real deployment.
+``flower-medimg registry list|show|compare|export``
+    Inspect the model registry and export a version with its model card.
+``flower-medimg audit verify LOG``
+    Verify a run's hash-chained audit log; report the first tampered line.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from flower_medimg.federation.cli import add_federation_parser, run_federation
+from flower_medimg.lifecycle.cli import add_lifecycle_parsers, run_lifecycle_command
 
 __all__ = ["build_parser", "main"]
 
@@ -32,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     add_federation_parser(commands)
+    add_lifecycle_parsers(commands)
     return parser
 
 
@@ -55,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return data_main(args_list[1:])
     args = build_parser().parse_args(args_list)
     try:
+        if args.command in ("registry", "audit"):
+            return run_lifecycle_command(args)
         return run_federation(args)
     except (RuntimeError, FileNotFoundError, ValueError) as err:
         print(f"flower-medimg: error: {err}", file=sys.stderr)

@@ -24,9 +24,9 @@ from flwr.serverapp import Grid
 __all__ = ["IGNORED_METRICS", "cross_site_matrix", "write_matrix"]
 
 #: Per-reply bookkeeping that is not a validation metric.
-IGNORED_METRICS = ("num-examples", "unit-weight", "eval-time-s")
+IGNORED_METRICS = ("num-examples", "unit-weight", "eval-time-s", "partition-id")
 
-Matrix = dict[int, dict[str, dict[str, float]]]
+Matrix = dict[str, dict[str, dict[str, float]]]
 
 
 def cross_site_matrix(
@@ -51,11 +51,13 @@ def cross_site_matrix(
     Returns
     -------
     dict
-        ``{node_id: {model: {metric: value}}}``; a site that failed is logged and
+        ``{site: {model: {metric: value}}}`` with the site named by its node id
+        (and its partition id in simulation); a site that failed is logged and
         left out of that model's column.
     """
     node_ids = sorted(grid.get_node_ids())
-    matrix: Matrix = {node_id: {} for node_id in node_ids}
+    cells: dict[int, dict[str, dict[str, float]]] = {n: {} for n in node_ids}
+    partitions: dict[int, int] = {}
     for name, arrays in models.items():
         messages = [
             Message(
@@ -82,12 +84,17 @@ def cross_site_matrix(
                 )
                 continue
             metrics = next(iter(reply.content.metric_records.values()))
-            matrix[node_id][name] = {
+            if "partition-id" in metrics:
+                partitions[node_id] = int(metrics["partition-id"])  # type: ignore[arg-type]
+            cells[node_id][name] = {
                 key: float(value)
                 for key, value in metrics.items()
                 if key not in IGNORED_METRICS and isinstance(value, (int, float))
             }
-    return matrix
+    return {
+        f"{n} (site {partitions[n]})" if n in partitions else str(n): row
+        for n, row in cells.items()
+    }
 
 
 def write_matrix(matrix: Matrix, models: list[str], out_dir: Path) -> str:
@@ -107,13 +114,13 @@ def write_matrix(matrix: Matrix, models: list[str], out_dir: Path) -> str:
                     )
     blocks = []
     for key in metrics:
-        lines = [f"**{key}**", "", "| node | " + " | ".join(models) + " |"]
+        lines = [f"**{key}**", "", "| site | " + " | ".join(models) + " |"]
         lines.append("|---" * (len(models) + 1) + "|")
-        for node_id, row in matrix.items():
-            cells = [row.get(m, {}).get(key) for m in models]
+        for site, row in matrix.items():
+            values = [row.get(m, {}).get(key) for m in models]
             lines.append(
-                f"| {node_id} | "
-                + " | ".join("failed" if v is None else f"{v:.4f}" for v in cells)
+                f"| {site} | "
+                + " | ".join("failed" if v is None else f"{v:.4f}" for v in values)
                 + " |"
             )
         blocks.append("\n".join(lines))
