@@ -14,9 +14,9 @@ tensor. Kernels work on ``columns``: for each reply, the list of its 1-D block a
 those back into an ``ArrayRecord``). Tests can pass plain 1-D numpy arrays as
 columns.
 
-Weighted sums use BLAS ``?axpy`` from ``scipy.linalg.blas`` (``y += a x`` without a
-temporary); order statistics and Gram matrices stack the replies column chunk by
-column chunk into a small cache-resident buffer.
+Weighted sums use torch's fused, multi-threaded ``y.add_(x, alpha=a)`` on tensors
+that share the replies' memory (no temporary); order statistics and Gram matrices
+stack the replies column chunk by column chunk into a small cache-resident buffer.
 
 The pure functions at the end compute the method-specific weights and scores of the
 strategies in this package (COPOD, FedCostWAvg, FedFocus, FedNova), so that the worked
@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import ast
 import math
+import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from io import BytesIO
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SType
-from scipy.linalg import blas
 from scipy.spatial.distance import cdist
 
 __all__ = [
@@ -64,9 +67,12 @@ __all__ = [
 #: Float tensors with fewer elements than this are packed into one block per dtype.
 SMALL_TENSOR_SIZE = 1 << 14
 
-#: Elements per BLAS axpy call. OpenBLAS runs calls above 10,000 elements on all
-#: threads, which stalls badly when the cores are shared; smaller calls stay on one.
-_AXPY_CHUNK = 8192
+#: Elements per ``add_`` call in weighted sums: below torch's parallel grain size
+#: (32768), so each call runs on one thread.
+_CHUNK = 32000
+
+#: Most threads a weighted sum uses (memory bandwidth saturates beyond a few).
+_MAX_THREADS = 4
 
 #: Number of columns of the (N, chunk) buffer used by order statistics / Gram matrix.
 _STACK_BYTES = 1 << 21
@@ -179,7 +185,7 @@ class Block:
         return self.dtype.kind == "f"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Layout:
     """Keys, dtypes and shapes of a model, and their grouping into blocks."""
 
@@ -188,23 +194,37 @@ class Layout:
     shapes: dict[str, tuple[int, ...]]
     blocks: tuple[Block, ...]
     dtype_names: dict[str, str]
+    #: The ``.npy`` header ``np.save`` writes for each key (C order).
+    headers: dict[str, bytes]
+
+    @cached_property
+    def fast_checks(self) -> dict[str, tuple[str, tuple[int, ...], bytes, int]]:
+        """Per key: dtype name, shape, expected header, expected payload length."""
+        return {
+            key: (
+                self.dtype_names[key],
+                self.shapes[key],
+                self.headers[key],
+                len(self.headers[key])
+                + self.dtypes[key].itemsize * math.prod(self.shapes[key]),
+            )
+            for key in self.keys
+        }
 
     @classmethod
     def from_arrayrecord(
         cls, record: ArrayRecord, small_tensor_size: int = SMALL_TENSOR_SIZE
     ) -> Layout:
-        """Describe an ArrayRecord using the metadata of its Arrays."""
-        keys = tuple(record.keys())
-        dtypes: dict[str, np.dtype] = {}
-        shapes: dict[str, tuple[int, ...]] = {}
-        for key in keys:
-            array = record[key]
-            try:
-                dtypes[key] = np.dtype(array.dtype)
-            except TypeError as err:
-                raise ValueError(f"array '{key}' has unknown dtype") from err
-            shapes[key] = tuple(int(s) for s in array.shape)
-        return cls.from_specs(keys, dtypes, shapes, small_tensor_size)
+        """Describe an ArrayRecord using the metadata of its Arrays.
+
+        Layouts are cached by the record's keys, dtypes and shapes, so a strategy
+        that sees the same model every round builds its layout once.
+        """
+        signature = tuple(
+            (key, array.dtype, tuple(int(s) for s in array.shape))
+            for key, array in record.items()
+        )
+        return _layout_of(signature, small_tensor_size)
 
     @classmethod
     def from_specs(
@@ -218,7 +238,7 @@ class Layout:
         blocks: list[Block] = []
         packed: dict[np.dtype, list[str]] = {}
         for key in keys:
-            size = int(np.prod(shapes[key], dtype=np.int64))
+            size = math.prod(shapes[key])
             if dtypes[key].kind == "f" and size >= small_tensor_size:
                 blocks.append(Block((key,), dtypes[key], (0, size), packed=False))
             else:
@@ -226,10 +246,11 @@ class Layout:
         for dtype, group in packed.items():
             offsets = [0]
             for key in group:
-                offsets.append(offsets[-1] + int(np.prod(shapes[key], dtype=np.int64)))
+                offsets.append(offsets[-1] + math.prod(shapes[key]))
             blocks.append(Block(tuple(group), dtype, tuple(offsets), packed=True))
         names = {key: dtypes[key].name for key in keys}
-        return cls(tuple(keys), dtypes, shapes, tuple(blocks), names)
+        headers = {key: _npy_header(dtypes[key], shapes[key]) for key in keys}
+        return cls(tuple(keys), dtypes, shapes, tuple(blocks), names, headers)
 
     @property
     def float_blocks(self) -> list[int]:
@@ -248,33 +269,48 @@ class Layout:
             missing = sorted(set(self.keys) - have)
             extra = sorted(have - set(self.keys))
             return f"array keys differ (missing {missing}, unexpected {extra})"
-        shapes, names = self.shapes, self.dtype_names
         for key in self.keys:
-            array = record[key]
-            if array.dtype != names[key] or tuple(array.shape) != shapes[key]:
-                break
-        else:
-            return None
-        for key in self.keys:
-            array = record[key]
-            if tuple(array.shape) != self.shapes[key]:
-                return (
-                    f"array '{key}' has shape {tuple(array.shape)}, "
-                    f"expected {self.shapes[key]}"
-                )
-            if array.dtype != names[key]:
-                return (
-                    f"array '{key}' has dtype {array.dtype}, "
-                    f"expected {self.dtypes[key].name}"
-                )
+            reason = self.check_array(key, record[key])
+            if reason is not None:
+                return reason
         return None
+
+    def check_array(self, key: str, array: Array) -> str | None:
+        """Return why the metadata of ``array`` (stored as ``key``) differs."""
+        shape = self.shapes[key]
+        if array.shape != shape and tuple(array.shape) != shape:
+            return f"array '{key}' has shape {tuple(array.shape)}, expected {shape}"
+        if array.dtype != self.dtype_names[key]:
+            return (
+                f"array '{key}' has dtype {array.dtype}, "
+                f"expected {self.dtype_names[key]}"
+            )
+        return None
+
+
+@lru_cache(maxsize=16)
+def _layout_of(
+    signature: tuple[tuple[str, str, tuple[int, ...]], ...], small_tensor_size: int
+) -> Layout:
+    """Build (and cache) the layout of ``(key, dtype name, shape)`` triples."""
+    dtypes: dict[str, np.dtype] = {}
+    for key, name, _ in signature:
+        try:
+            dtypes[key] = np.dtype(name)
+        except TypeError as err:
+            raise ValueError(f"array '{key}' has unknown dtype") from err
+    keys = tuple(key for key, _, _ in signature)
+    shapes = {key: shape for key, _, shape in signature}
+    return Layout.from_specs(keys, dtypes, shapes, small_tensor_size)
 
 
 def read_blocks(record: ArrayRecord, layout: Layout) -> list[np.ndarray]:
     """Return one flat array per block of ``layout`` for ``record``.
 
     Single-tensor blocks are read-only views of the reply's bytes; packed blocks are
-    one small copy.
+    one small copy. An Array whose metadata matches and whose bytes start with the
+    header ``np.save`` writes for the expected dtype and shape (the usual case) is
+    read without parsing anything; any other Array is fully checked.
 
     Raises
     ------
@@ -282,30 +318,45 @@ def read_blocks(record: ArrayRecord, layout: Layout) -> list[np.ndarray]:
         If the record does not match the layout (keys, shapes, dtypes, payload). The
         message names the offending key.
     """
-    mismatch = layout.matches(record)
-    if mismatch is not None:
-        raise ValueError(mismatch)
+    if len(record) != len(layout.keys) or set(record) != set(layout.keys):
+        raise ValueError(layout.matches(record))
+    checks = layout.fast_checks
     columns: list[np.ndarray] = []
     for block in layout.blocks:
-        if not block.packed:
-            key = block.keys[0]
-            columns.append(_checked_view(record[key], key, block.dtype, layout))
-            continue
         parts: list[memoryview | np.ndarray] = []
         for key in block.keys:
             array = record[key]
-            try:
-                offset, dtype, shape, fortran = _payload(array)
-            except ValueError as err:
-                raise ValueError(f"array '{key}': {err}") from err
-            _check_header(key, dtype, shape, layout)
-            if fortran and len(shape) > 1:
-                parts.append(read_array(array))
+            name, shape, header, length = checks[key]
+            data = array.data
+            if (
+                array.dtype == name
+                and array.shape == shape
+                and len(data) == length
+                and data.startswith(header)
+            ):
+                parts.append(memoryview(data)[len(header) :])
             else:
-                parts.append(memoryview(array.data)[offset:])
-        buffer = b"".join(parts)
-        columns.append(np.frombuffer(buffer, dtype=block.dtype))
+                parts.append(_checked_data(array, key, layout))
+        if block.packed:
+            columns.append(np.frombuffer(b"".join(parts), dtype=block.dtype))
+        else:
+            columns.append(np.frombuffer(parts[0], dtype=block.dtype))
     return columns
+
+
+def _checked_data(array: Array, key: str, layout: Layout) -> memoryview | np.ndarray:
+    """Check an Array's metadata and payload in full; return its C-ordered data."""
+    reason = layout.check_array(key, array)
+    if reason is not None:
+        raise ValueError(reason)
+    try:
+        offset, dtype, shape, fortran = _payload(array)
+    except ValueError as err:
+        raise ValueError(f"array '{key}': {err}") from err
+    _check_header(key, dtype, shape, layout)
+    if fortran and len(shape) > 1:
+        return read_array(array)
+    return memoryview(array.data)[offset:]
 
 
 def _check_header(
@@ -316,19 +367,6 @@ def _check_header(
             f"array '{key}' payload is {dtype}{list(shape)}, metadata says "
             f"{layout.dtypes[key]}{list(layout.shapes[key])}"
         )
-
-
-def _checked_view(
-    array: Array, key: str, dtype: np.dtype, layout: Layout
-) -> np.ndarray:
-    try:
-        offset, got_dtype, shape, fortran = _payload(array)
-    except ValueError as err:
-        raise ValueError(f"array '{key}': {err}") from err
-    _check_header(key, got_dtype, shape, layout)
-    if fortran and len(shape) > 1:
-        return read_array(array)
-    return np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=offset)
 
 
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -377,19 +415,19 @@ def build_arrayrecord(layout: Layout, values: Sequence[np.ndarray]) -> ArrayReco
             by_key[key] = flat[block.offsets[i] : block.offsets[i + 1]]
     record = ArrayRecord()
     for key in layout.keys:
-        dtype, shape = layout.dtypes[key], layout.shapes[key]
-        data = b"".join((_npy_header(dtype, shape), memoryview(by_key[key])))
-        record[key] = Array(dtype=dtype.name, shape=shape, stype=SType.NUMPY, data=data)
+        data = b"".join((layout.headers[key], memoryview(by_key[key])))
+        record[key] = Array(
+            dtype=layout.dtype_names[key],
+            shape=layout.shapes[key],
+            stype=SType.NUMPY,
+            data=data,
+        )
     return record
 
 
 # ----------------------------------------------------------------------------------
 # Aggregation kernels over reply columns
 # ----------------------------------------------------------------------------------
-
-
-def _axpy(dtype: np.dtype):
-    return blas.saxpy if dtype == np.float32 else blas.daxpy
 
 
 def _accumulator_dtype(dtype: np.dtype) -> np.dtype:
@@ -405,8 +443,8 @@ def weighted_sum(
 ) -> list[np.ndarray | None]:
     """Return ``sum_k c_k x_k`` for every block (no normalisation).
 
-    Float32 and float64 blocks accumulate in their own precision with BLAS ``axpy``
-    on cache-sized chunks (as Flower's FedAvg, float32 stays float32); other dtypes
+    Float32 and float64 blocks accumulate in their own precision with torch's
+    ``add_(x, alpha=c)`` (as Flower's FedAvg, float32 stays float32); other dtypes
     (integers, float16) accumulate in float64.
 
     Parameters
@@ -429,28 +467,75 @@ def weighted_sum(
     num_blocks = len(columns[0])
     wanted = range(num_blocks) if blocks is None else blocks
     out: list[np.ndarray | None] = [None] * num_blocks
-    for b in wanted:
-        first = columns[0][b]
-        acc_dtype = _accumulator_dtype(first.dtype)
-        acc = np.multiply(first, coeffs[0], dtype=acc_dtype)
-        if acc_dtype == first.dtype:
-            axpy = _axpy(acc_dtype)
-            size = acc.size
-            terms = [(columns[k][b], coeffs[k]) for k in range(1, len(columns))]
-            terms = [(x, c) for x, c in terms if c != 0.0]
-            # Cache-sized chunks, all replies per chunk: the accumulator stays in
-            # cache and every reply is read once.
-            for start in range(0, size, _AXPY_CHUNK):
-                n = min(_AXPY_CHUNK, size - start)
+    fused: list[_FusedSum] = []
+    # torch warns that the replies' read-only bytes back the tensors; they are only
+    # read
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for b in wanted:
+            first = columns[0][b]
+            acc_dtype = _accumulator_dtype(first.dtype)
+            terms = [
+                (columns[k][b], float(coeffs[k]))
+                for k in range(1, len(columns))
+                if coeffs[k] != 0.0
+            ]
+            if acc_dtype == first.dtype:
+                acc = np.empty(first.size, dtype=acc_dtype)
+                fused.append(
+                    _FusedSum(
+                        torch.from_numpy(acc),
+                        [(torch.from_numpy(first), float(coeffs[0]))]
+                        + [(torch.from_numpy(x), c) for x, c in terms],
+                    )
+                )
+            else:
+                acc = np.multiply(first, coeffs[0], dtype=acc_dtype)
+                tmp = np.empty_like(acc)
                 for x, c in terms:
-                    axpy(x, acc, n=n, a=c, offx=start, offy=start)
-        else:
-            tmp = np.empty_like(acc)
-            for k in range(1, len(columns)):
-                np.multiply(columns[k][b], coeffs[k], out=tmp, casting="unsafe")
-                np.add(acc, tmp, out=acc)
-        out[b] = acc
+                    np.multiply(x, c, out=tmp, casting="unsafe")
+                    np.add(acc, tmp, out=acc)
+            out[b] = acc
+    _run_fused_sums(fused)
     return out
+
+
+@dataclass(frozen=True)
+class _FusedSum:
+    """``out = sum_k c_k x_k`` over tensors of one block (``terms`` = (x, c))."""
+
+    out: torch.Tensor
+    terms: list[tuple[torch.Tensor, float]]
+
+
+def _run_fused_sums(sums: Sequence[_FusedSum]) -> None:
+    """Compute ``sums`` chunk by chunk on up to ``_MAX_THREADS`` threads.
+
+    Each chunk is smaller than torch's parallel grain size, so every ``mul``/``add_``
+    runs on the thread that calls it; the chunks are dealt round-robin to worker
+    threads (torch releases the GIL). Unlike one large multi-threaded call per
+    tensor, this degrades gracefully when other processes hold the cores.
+    """
+    chunks = [
+        (fused, start, min(start + _CHUNK, fused.out.numel()))
+        for fused in sums
+        for start in range(0, fused.out.numel(), _CHUNK)
+    ]
+    threads = min(_MAX_THREADS, torch.get_num_threads(), len(chunks))
+    if threads <= 1:
+        _accumulate(chunks)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(_accumulate, [chunks[i::threads] for i in range(threads)]))
+
+
+def _accumulate(chunks: Sequence[tuple[_FusedSum, int, int]]) -> None:
+    for fused, start, stop in chunks:
+        target = fused.out[start:stop]
+        (first, c0), *rest = fused.terms
+        torch.mul(first[start:stop], c0, out=target)
+        for x, c in rest:
+            target.add_(x[start:stop], alpha=c)
 
 
 def normalise_weights(weights: Sequence[float] | np.ndarray) -> np.ndarray:
