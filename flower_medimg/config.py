@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "method.harmofl-window": 0.0,
     "method.harmofl-momentum": 0.1,
     "method.harmofl-alpha": 0.05,
+    "method.fedmax-beta": 1000.0,
     "sim.dropout": 0.0,
     "dp.noise-multiplier": 0.0,
     "dp.target-epsilon": 0.0,

@@ -14,7 +14,8 @@ Methods (``--methods``, comma-separated; ``a+b`` composes them):
 - a strategy name of :data:`flower_medimg.strategies.registry.STRATEGIES`
   (``fedavg``, ``fedmedian``, ``krum``, ``dos``, ...);
 - ``fedprox`` (Flower's FedProx, mu = 0.01), ``fedbn`` (private norm layers, a
-  BatchNorm network), ``flop`` (private head), ``harmofl``, ``class-weights``;
+  BatchNorm network), ``flop`` (private head), ``harmofl``, ``class-weights``,
+  ``fedmax``;
 - ``pooled`` and ``local``: the centralised and the local-only baselines.
 
 Scenarios (``--scenarios``) are the TOML presets in ``sim/scenarios/``.
@@ -71,6 +72,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "flop": {"private-params": "head"},
     "harmofl": {"method.names": "harmofl"},
     "class-weights": {"method.names": "class-weights"},
+    "fedmax": {"method.names": "fedmax"},
     "krum": {"strategy.name": "krum", "strategy.num-malicious-nodes": 1},
 }
 #: The metric a task's table reports (higher is better).

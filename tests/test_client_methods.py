@@ -19,6 +19,8 @@ from flower_medimg.client_apps.methods import (
     amplitude_normalize,
     balanced_class_weights,
     class_counts,
+    fedmax_penalty,
+    fedmax_term,
     perturbed_step,
     proximal_penalty,
     proximal_term,
@@ -246,14 +248,14 @@ def test_weighted_cross_entropy_is_the_weighted_mean():
     assert torch.isfinite(value)
 
 
-def test_class_weighted_training_through_the_client_app():
+def test_class_weighted_fedmax_training_through_the_client_app():
     overrides = {
         **TINY,
         "task": "classification",
         "model.name": "resnet10",
         "model.channels": "4,8,8,16",
         "data.label-skew": 2.0,
-        "method.names": "class-weights",
+        "method.names": "class-weights,fedmax",
     }
     arrays = ArrayRecord(
         model_from_config(resolve_config(overrides=overrides)).state_dict()
@@ -261,6 +263,32 @@ def test_class_weighted_training_through_the_client_app():
     reply = make_client_app(**overrides)(_train_message(arrays), _site_context())
     assert not reply.has_error(), reply.error
     assert reply.content["metrics"]["num-examples"] > 0
+
+
+# --- FedMax -------------------------------------------------------------------------
+
+
+def test_fedmax_worked_example():
+    a = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    assert float(fedmax_term(a, beta=1.0)) == pytest.approx(0.108445, abs=ATOL)
+    assert float(fedmax_term(a, beta=10.0)) == pytest.approx(1.08445, abs=1e-5)
+    # "batchmean" (divide by B only) would give 0.216890
+    assert float(fedmax_term(a, 1.0)) != pytest.approx(0.216890, abs=1e-3)
+    assert float(fedmax_term(torch.zeros(3, 4), 1.0)) == pytest.approx(0.0)
+
+
+def test_fedmax_penalty_uses_the_last_linear_layers_input():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    penalty = fedmax_penalty(net, beta=2.0)
+    x = torch.randn(5, 3)
+    net(x)
+    expected = fedmax_term(torch.relu(net[0](x)), 2.0)
+    assert float(penalty().detach()) == pytest.approx(float(expected.detach()))
+    unet = model_from_config(resolve_config(overrides=TINY))
+    with pytest.raises(ValueError, match="FedMax needs a classification network"):
+        fedmax_penalty(unet, 1.0)
+    with pytest.raises(ValueError, match="fedmax-beta"):
+        fedmax_penalty(net, -1.0)
 
 
 # --- run-config handling ------------------------------------------------------------

@@ -46,6 +46,8 @@ from .methods import (
     ClientMethods,
     amp_norms,
     class_counts,
+    combine_penalties,
+    fedmax_penalty,
     proximal_mu,
     proximal_penalty,
     weighted_loss,
@@ -181,7 +183,10 @@ def _train(msg: Message, context: Context, config: dict[str, Any]) -> Message:
     model = site_model.model.to(dev)
     for amp_norm in amp_norms(model):  # HarmoFL: shared amplitude fixed after round 1
         amp_norm.fixed = bool(train_config.get("fix-amp", server_round > 1))
-    penalty = proximal_penalty(model, site_model.private, mu)
+    penalty = combine_penalties(
+        proximal_penalty(model, site_model.private, mu),
+        fedmax_penalty(model, methods.fedmax_beta) if methods.fedmax else None,
+    )
     shuffled, ordered, _, num_examples = _loaders(config, context, seed)
     loss_fn = task.loss_fn()
     loss_before = mean_loss(model, ordered, loss_fn, dev)

@@ -9,24 +9,30 @@ strategy (Flower's or ours):
   perturbation during local training (run-config ``method.harmofl-*``).
 - ``class-weights`` (:mod:`.class_weights`): balanced class-weighted loss from the
   site's own class counts, against label skew.
+- ``fedmax`` (:mod:`.fedmax`): a maximum-entropy prior on the penultimate
+  activations (classification networks; ``method.fedmax-beta``).
 - FedProx (:mod:`.fedprox`) needs no switch: the site adds the proximal term
   whenever the train message carries a ``proximal-mu`` (Flower's ``FedProx``
   strategy sends it).
 
-``method.names`` lists the switched-on methods, comma-separated.
+``method.names`` lists the switched-on methods, comma-separated. MOON (Li et al.,
+CVPR 2021) is not offered: it needs a projection head (parameters the global model
+would have to carry) and forward passes of the previous local model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from flower_medimg.config import DEFAULTS
 
 from .class_weights import balanced_class_weights, class_counts, weighted_loss
+from .fedmax import fedmax_penalty, fedmax_term
 from .fedprox import proximal_mu, proximal_penalty, proximal_term
 from .harmofl import (
     AMP_NORM,
@@ -47,6 +53,9 @@ __all__ = [
     "attach_amp_norm",
     "balanced_class_weights",
     "class_counts",
+    "combine_penalties",
+    "fedmax_penalty",
+    "fedmax_term",
     "perturbed_step",
     "proximal_mu",
     "proximal_penalty",
@@ -55,7 +64,7 @@ __all__ = [
 ]
 
 #: Names accepted in the run config's ``method.names``.
-METHODS = ("harmofl", "class-weights")
+METHODS = ("harmofl", "class-weights", "fedmax")
 
 
 def _dp_on(config: Mapping[str, Any]) -> bool:
@@ -75,12 +84,16 @@ class ClientMethods:
         Amplitude normalisation (+ weight perturbation when ``harmofl_alpha > 0``).
     class_weights : bool
         Balanced class-weighted loss.
+    fedmax : bool
+        FedMax's maximum-entropy term on the penultimate activations.
     harmofl_window : float
         Amplitude window ratio ``L`` (0 = DC only, 0.5 = whole spectrum).
     harmofl_momentum : float
         Momentum of the running amplitude.
     harmofl_alpha : float
         Weight-perturbation radius; 0 switches the perturbation off.
+    fedmax_beta : float
+        Weight of the FedMax term.
     """
 
     harmofl: bool = False
@@ -88,6 +101,8 @@ class ClientMethods:
     harmofl_window: float = 0.0
     harmofl_momentum: float = 0.1
     harmofl_alpha: float = 0.05
+    fedmax: bool = False
+    fedmax_beta: float = 1000.0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ClientMethods:
@@ -115,6 +130,8 @@ class ClientMethods:
             harmofl_window=float(config["method.harmofl-window"]),
             harmofl_momentum=float(config["method.harmofl-momentum"]),
             harmofl_alpha=float(config["method.harmofl-alpha"]),
+            fedmax="fedmax" in names,
+            fedmax_beta=float(config["method.fedmax-beta"]),
         )
         if methods.harmofl_alpha < 0:
             raise ValueError(
@@ -140,3 +157,13 @@ class ClientMethods:
         spatial = (size,) * int(config["model.spatial-dims"])
         amp_norm = AmpNorm(1, spatial, self.harmofl_window, self.harmofl_momentum)
         return attach_amp_norm(model, amp_norm)
+
+
+def combine_penalties(
+    *penalties: Callable[[], torch.Tensor] | None,
+) -> Callable[[], torch.Tensor] | None:
+    """Sum the loss terms that are switched on (None when none is)."""
+    active = [p for p in penalties if p is not None]
+    if not active:
+        return None
+    return lambda: sum(p() for p in active)
