@@ -5,7 +5,9 @@ the same N reply Messages (rebuilt before each call: some Flower strategies cons
 their input), after one warm-up call. Printed per strategy: median time, payload
 throughput (N x model bytes / time), peak extra memory of one call (tracemalloc),
 and the ratios to Flower's FedAvg and to a plain numpy weighted sum
-(``weights @ X`` over a pre-stacked (N, d) float32 matrix; stacking not timed).
+(``weights @ X`` over a pre-stacked (N, d) float32 matrix; stacking not timed). The
+row "numpy from replies" is the plain numpy path from the same Messages
+(``Array.numpy()``, concatenate, stack, ``w @ X``).
 
 Quick run (a few minutes on 2 cores)::
 
@@ -109,6 +111,22 @@ def make_replies(client_arrays: list[dict[str, Array]]) -> list[Message]:
     return replies
 
 
+def numpy_from_replies(replies: list[Message], weights: np.ndarray) -> np.ndarray:
+    """The plain numpy path from reply Messages: deserialise, stack, ``w @ X``."""
+    stacked = np.stack(
+        [
+            np.concatenate(
+                [
+                    a.numpy().ravel().astype(np.float32)
+                    for a in msg.content["arrays"].values()
+                ]
+            )
+            for msg in replies
+        ]
+    )
+    return weights @ stacked
+
+
 def strategies(num: int, global_arrays: ArrayRecord) -> dict[str, Callable]:
     """Name -> factory of a strategy ready to aggregate (global arrays known)."""
     f = max(1, num // 10)
@@ -188,6 +206,11 @@ def run(model_name: str, num: int, repeats: int, only: set[str] | None) -> None:
     weights = np.full(num, 1.0 / num, dtype=np.float32)
     t_numpy, m_numpy = time_call(lambda x: weights @ x, lambda: flat, repeats)
     results = {"numpy w @ X": (t_numpy, m_numpy)}
+    results["numpy from replies"] = time_call(
+        lambda replies: numpy_from_replies(replies, weights),
+        lambda: make_replies(client_arrays),
+        repeats,
+    )
 
     for name, factory in strategies(num, global_arrays).items():
         if only and name not in only and name != "flwr FedAvg":

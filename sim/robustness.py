@@ -2,7 +2,8 @@
 
 8 synthetic sites (2D segmentation). Part 1: 2 of them send a scaled sign-flipped
 update (``-3x``); final central Dice of FedAvg, FedMedian, Krum and
-DistanceOutlierSuppression next to FedAvg without attackers. Part 2: 1 site sends
+DistanceOutlierSuppression next to FedAvg without attackers, and FedAvg and DOS with
+the quality gate's update-norm bound (2x the round's median). Part 2: 1 site sends
 NaN; Flower's FedAvg behind our quality gate vs plain Flower FedAvg.
 
 Usage::
@@ -75,6 +76,14 @@ def main() -> None:
             {"strategy.name": "krum", "strategy.num-malicious-nodes": 2},
         ),
         ("DistanceOutlierSuppression", {"strategy.name": "dos"}),
+        (
+            "FedAvg + gate (update norm <= 2x median)",
+            {"strategy.name": "fedavg", "gate.update-norm-factor": 2.0},
+        ),
+        (
+            "DOS + gate (update norm <= 2x median)",
+            {"strategy.name": "dos", "gate.update-norm-factor": 2.0},
+        ),
     ]
     for name, overrides in cases:
         summary, _ = simulate({**base, **attack, **overrides})
