@@ -3,6 +3,8 @@
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
+from flower_medimg.config import DEFAULTS
+
 
 @pytest.fixture(autouse=True, scope="session")
 def task_identity():
@@ -14,3 +16,14 @@ def task_identity():
     TaskIdentity.run_id = 1
     TaskIdentity.node_id = 1
     yield
+
+
+@pytest.fixture(autouse=True)
+def isolated_model_registry(tmp_path_factory, monkeypatch):
+    """Give every test its own model registry instead of ``./registry``.
+
+    A registry shared between tests would let one test resume another's
+    unfinished run of the same config.
+    """
+    folder = tmp_path_factory.mktemp("registry")
+    monkeypatch.setitem(DEFAULTS, "registry.path", str(folder))

@@ -5,8 +5,8 @@ grid; each site answers with summaries of its own data only (an intensity
 histogram on that grid, voxel count, sum and sum of squares, image shapes and
 spacings, label counts), never an image. The server pools them (exactly: the
 histograms add up, mean and std follow from the sums), writes a table and a plot,
-and flags every site whose intensity histogram is far from the pooled histogram of
-the other sites (Jensen-Shannon distance). A site whose ``node_config`` sets
+and flags every site whose intensity histogram is far from that of every other site
+(Jensen-Shannon distance to the closest other site). A site whose ``node_config`` sets
 ``share-statistics = false`` replies with an error; it is logged and the run goes
 on without it.
 """
@@ -220,15 +220,18 @@ def pool_statistics(
     """Pool the sites' summaries and flag outlying intensity distributions.
 
     Each site's distance is the Jensen-Shannon distance between its histogram and
-    the summed histogram of all other sites; a site is flagged above
-    ``flag_distance`` (needs two sites or more). Sets ``distance`` and ``flagged``
-    on every site; returns the pooled summaries.
+    that of its *closest* other site, so a site is flagged (above
+    ``flag_distance``; needs two sites or more) only when it differs from every
+    other site; one outlier does not make the others look alike-but-far, as a
+    comparison with the pool of the rest would with few sites. Sets ``distance``
+    and ``flagged`` on every site; returns the pooled summaries.
     """
     full = [s.full_histogram() for s in sites]
     for i, site in enumerate(sites):
         if len(sites) > 1:
-            rest = sum(h for j, h in enumerate(full) if j != i)
-            site.distance = js_distance(full[i], rest)
+            site.distance = min(
+                js_distance(full[i], h) for j, h in enumerate(full) if j != i
+            )
             site.flagged = site.distance > flag_distance
     count = sum(s.values["count"] for s in sites)
     total = sum(s.values["sum"] for s in sites)
@@ -379,8 +382,8 @@ def collect_statistics(
             log(
                 WARNING,
                 "flower-medimg: node %s has a strongly different intensity "
-                "distribution (Jensen-Shannon distance %.3f to the other sites "
-                "> %g)",
+                "distribution (Jensen-Shannon distance %.3f to the closest other "
+                "site > %g)",
                 site.label,
                 site.distance,
                 float(config["stats.flag-distance"]),

@@ -1,0 +1,335 @@
+"""Lifecycle pieces without a runtime: stop rule, audit chain, statistics, registry."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp.strategy import FedAdam
+
+from flower_medimg.config import resolve_config
+from flower_medimg.lifecycle import (
+    AuditLog,
+    BestModel,
+    ModelRegistry,
+    RegistryError,
+    StopRule,
+    load_exported,
+    verify_audit_log,
+    weights_sha256,
+)
+from flower_medimg.lifecycle.statistics import (
+    SiteStatistics,
+    js_distance,
+    pool_statistics,
+    statistics_reply,
+    summarise_site,
+)
+from flower_medimg.lifecycle.strategy_state import (
+    capture_strategy_state,
+    restore_strategy_state,
+)
+from flower_medimg.models import model_from_config
+from flower_medimg.strategies import QualityGate
+from tests.reply_messages import train_reply
+
+TINY = {"model.channels": "4,8,16", "data.image-size": 32, "data.samples-per-site": 12}
+
+
+# ---- stop rule and best model ---------------------------------------------------
+
+
+def test_stop_rule_target_min_and_max():
+    rule = StopRule("central/dice", target=0.8)  # dice: higher is better
+    assert rule.direction == "max"
+    assert rule.update(1, {"central/dice": 0.5}) is None
+    decision = rule.update(2, {"central/dice": 0.81})
+    assert (decision.round, decision.reason) == (2, "target")
+    assert "reached the target 0.8" in decision.message
+
+    loss = StopRule("evaluate/eval-loss", target=0.2)
+    assert loss.direction == "min"
+    assert loss.update(1, {"evaluate/eval-loss": 0.3}) is None
+    assert loss.update(2, {"evaluate/eval-loss": 0.2}).reason == "target"
+
+
+def test_stop_rule_patience_hand_computed():
+    # min mode, min-delta 0.1, patience 2:
+    # r1 1.00 best; r2 0.95 (not < 0.90) stale 1; r3 0.80 (< 0.90) best, stale 0;
+    # r4 0.75 (not < 0.70) stale 1; r5 0.72 stale 2 -> stop, best 0.8 in round 3
+    rule = StopRule("evaluate/eval-loss", patience=2, min_delta=0.1)
+    values = [1.0, 0.95, 0.8, 0.75, 0.72]
+    decisions = [
+        rule.update(r, {"evaluate/eval-loss": v}) for r, v in enumerate(values, 1)
+    ]
+    assert decisions[:4] == [None] * 4
+    assert decisions[4].reason == "patience"
+    assert decisions[4].round == 5
+    assert "best 0.8 in round 3" in decisions[4].message
+    assert rule.state() == {"best": 0.8, "best-round": 3, "stale-rounds": 2}
+
+    # the state carries over to a resumed rule
+    resumed = StopRule("evaluate/eval-loss", patience=2, min_delta=0.1)
+    resumed.restore({"best": 0.8, "best-round": 3, "stale-rounds": 1})
+    assert resumed.update(5, {"evaluate/eval-loss": 0.72}).reason == "patience"
+
+
+def test_stop_rule_errors_name_the_culprit():
+    with pytest.raises(ValueError, match="stop.metric 'dice' must be '<source>/<key>'"):
+        StopRule("dice")
+    with pytest.raises(ValueError, match="stop.mode must be"):
+        StopRule("central/dice", mode="up")
+    rule = StopRule("central/dcie", target=0.5)
+    with pytest.raises(ValueError, match="available: central/dice, evaluate/eval-loss"):
+        rule.update(1, {"central/dice": 0.4, "evaluate/eval-loss": 1.0})
+    # inactive rule (no target, no patience) never stops and never complains
+    assert StopRule("central/dcie").update(1, {}) is None
+
+
+def test_best_model_keeps_earliest_best_and_skips_missing():
+    best = BestModel("evaluate/eval-loss")
+    assert best.update(1, {"evaluate/eval-loss": 0.9})
+    assert best.update(2, {"evaluate/eval-loss": 0.5})
+    assert not best.update(3, {"evaluate/eval-loss": 0.5})  # tie keeps round 2
+    assert not best.update(4, {})
+    assert best.state() == {"best": 0.5, "best-round": 2}
+
+
+# ---- audit log ------------------------------------------------------------------
+
+
+def test_audit_chain_verifies_and_detects_one_changed_byte(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    for i in range(5):
+        log.append("reply", round=i, node_id=10 + i, accepted=i != 2, weight=0.25)
+    clean = verify_audit_log(path)
+    assert clean.ok and clean.num_lines == 5 and clean.head == log.head
+
+    lines = path.read_bytes().splitlines(keepends=True)
+    entry = json.loads(lines[0])
+    assert entry["prev"] == "0" * 64 and entry["seq"] == 0
+    assert json.loads(lines[1])["prev"] == entry["hash"]
+
+    for index in (0, 2, 4):  # first, middle and last line
+        tampered = bytearray(b"".join(lines))
+        offset = sum(len(x) for x in lines[:index]) + lines[index].index(
+            b'"weight":0.25'
+        )
+        tampered[offset + len('"weight":0.2')] = ord("9")  # 0.25 -> 0.29
+        path.write_bytes(bytes(tampered))
+        check = verify_audit_log(path)
+        assert not check.ok
+        assert check.bad_line == index + 1, check.message
+        assert "was changed" in check.message
+
+    # a removed line is caught at the line after it
+    path.write_bytes(b"".join(lines[:2] + lines[3:]))
+    check = verify_audit_log(path)
+    assert check.bad_line == 3 and "'prev'" in check.message
+
+    # reopening a clean log continues its chain; a corrupt one is refused
+    path.write_bytes(b"".join(lines))
+    AuditLog(path).append("run-end")
+    assert verify_audit_log(path).num_lines == 6
+    path.write_bytes(b"".join(lines).replace(b'"round":1', b'"round":7'))
+    with pytest.raises(ValueError, match="line 2"):
+        AuditLog(path)
+
+
+# ---- statistics -----------------------------------------------------------------
+
+
+def test_js_distance_hand_computed():
+    assert js_distance([1, 0], [0, 1]) == pytest.approx(1.0)
+    # m = (.75, .25); KL(p||m) = .5 log2(2/3) + .5 log2 2 = 0.2075187
+    # KL(q||m) = log2(4/3) = 0.4150375; JSD = 0.3112781; distance = sqrt
+    assert js_distance([0.5, 0.5], [1, 0]) == pytest.approx(math.sqrt(0.3112781), 1e-6)
+    assert js_distance([2, 2], [1, 1]) == pytest.approx(0.0)
+
+
+def test_summarise_site_and_pool_flag_the_shifted_site():
+    rng = np.random.default_rng(0)
+
+    def site(offset):
+        return [
+            {
+                "image": torch.tensor(rng.uniform(offset, offset + 0.3, (1, 8, 8))),
+                "label": torch.zeros(1, 8, 8).index_fill_(1, torch.tensor([0]), 1),
+            }
+            for _ in range(4)
+        ]
+
+    values = summarise_site(site(0.0), bins=10, value_range=(0.0, 1.0), num_classes=2)
+    assert values["num-images"] == 4 and values["count"] == 4 * 64
+    assert sum(values["histogram"]) + values["below"] + values["above"] == 256
+    assert values["histogram"][4:] == [0] * 6  # all values below 0.3
+    assert values["label-counts"] == [4 * 56, 4 * 8]
+    assert values["shape-min"] == [8, 8] and values["spacing-mean"] == []
+
+    sites = [
+        SiteStatistics(1, summarise_site(site(0.0), 10, (0.0, 1.0), 2)),
+        SiteStatistics(2, summarise_site(site(0.0), 10, (0.0, 1.0), 2)),
+        SiteStatistics(3, summarise_site(site(0.6), 10, (0.0, 1.0), 2)),
+    ]
+    pooled = pool_statistics(sites, flag_distance=0.3)
+    assert [s.flagged for s in sites] == [False, False, True]
+    assert sites[2].distance == pytest.approx(1.0)  # disjoint support
+    assert pooled["num-images"] == 12
+    # equal voxel counts: the pooled mean is the mean of the site means
+    assert pooled["mean"] == pytest.approx(np.mean([s.mean for s in sites]))
+
+
+def test_statistics_reply_declines_and_carries_no_pixels():
+    config = resolve_config(overrides=TINY)
+    query = Message(
+        RecordDict(
+            {"config": ConfigRecord({"bins": 16, "range-min": 0.0, "range-max": 1.0})}
+        ),
+        dst_node_id=1,
+        message_type="query",
+    )
+
+    def context(node_config):
+        return Context(
+            run_id=1,
+            node_id=1,
+            node_config=node_config,
+            state=RecordDict(),
+            run_config={},
+        )
+
+    site = {"partition-id": 0, "num-partitions": 2}
+    reply = statistics_reply(
+        query, context({**site, "share-statistics": "false"}), config
+    )
+    assert reply.has_error() and "declines" in reply.error.reason
+
+    reply = statistics_reply(query, context(site), config)
+    assert not reply.has_error()
+    assert len(reply.content.array_records) == 0
+    (record,) = reply.content.metric_records.values()
+    num_values = sum(len(v) if isinstance(v, list) else 1 for v in record.values())
+    assert num_values < 32 * 32 / 10  # far fewer numbers than one image has pixels
+    assert len(record["histogram"]) == 16
+
+
+# ---- strategy state -------------------------------------------------------------
+
+
+def _fedadam_round(strategy, server_round, arrays, deltas):
+    strategy.configure_train(server_round, arrays, ConfigRecord(), _NoGrid())
+    replies = [
+        train_reply(n, {"w": arrays["w"].numpy() + d}, {"num-examples": 1})
+        for n, d in enumerate(deltas, start=1)
+    ]
+    new, _ = strategy.aggregate_train(server_round, replies)
+    return new
+
+
+class _NoGrid:
+    def get_node_ids(self):
+        return [1, 2]
+
+
+def test_fedadam_moments_survive_capture_and_restore():
+    start = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    deltas = [[np.ones(3, dtype=np.float32)], [np.full(3, -0.5, dtype=np.float32)]]
+
+    straight = QualityGate(FedAdam(eta=0.1))
+    arrays = _fedadam_round(straight, 1, start, deltas[0])
+    expected = _fedadam_round(straight, 2, arrays, deltas[1])
+
+    first = QualityGate(FedAdam(eta=0.1))
+    arrays = _fedadam_round(first, 1, start, deltas[0])
+    saved = capture_strategy_state(first)
+    resumed = QualityGate(FedAdam(eta=0.1))
+    restore_strategy_state(resumed, saved)
+    assert resumed.strategy.m_t is not None
+    got = _fedadam_round(resumed, 2, arrays, deltas[1])
+    np.testing.assert_array_equal(got["w"].numpy(), expected["w"].numpy())
+
+    # without the moments the second step differs
+    fresh = QualityGate(FedAdam(eta=0.1))
+    other = _fedadam_round(fresh, 2, arrays, deltas[1])
+    assert not np.allclose(other["w"].numpy(), expected["w"].numpy())
+
+    with pytest.raises(ValueError, match="Cannot resume"):
+        restore_strategy_state(FedAdam(), saved)
+
+
+# ---- registry -------------------------------------------------------------------
+
+
+def test_registry_versions_keep_policy_export_and_sha(tmp_path):
+    config = resolve_config(overrides=TINY)
+    registry = ModelRegistry(tmp_path / "reg")
+    run = registry.start_run(
+        flower_run_id=7,
+        experiment="abc",
+        run_dir=tmp_path,
+        strategy="fedavg",
+        config=config,
+    )
+    models = [model_from_config(config) for _ in range(3)]
+    with torch.no_grad():  # three different versions
+        for shift, model in enumerate(models):
+            for param in model.parameters():
+                param.add_(0.01 * shift)
+    ids = []
+    for rnd, model in enumerate(models, start=1):
+        ids.append(
+            registry.add_version(
+                run,
+                rnd,
+                model.state_dict(),
+                metrics={"central/dice": 0.1 * rnd},
+                contributors=[11, 12],
+                replies=[{"node_id": 13, "accepted": False, "reason": "NaN"}],
+                epsilon=None,
+            )
+        )
+        registry.attach_resume_state(ids[-1], b"state %d" % rnd)
+        if rnd == 2:
+            registry.set_best(run, ids[-1])
+        registry.prune(run, "best+last")
+    kept = registry.versions(run)
+    assert [v["round"] for v in kept] == [2, 3]  # best + last
+    assert registry.resumable("abc")["id"] == ids[2]
+    assert registry.load_resume_state(ids[2]) == b"state 3"
+    assert registry.version(ids[1])["state_path"] is None  # only the newest is kept
+
+    row = registry.version(ids[2])
+    assert row["sha256"] == weights_sha256(models[2].state_dict())
+    assert row["contributors"] == [11, 12]
+    assert row["replies"][0]["reason"] == "NaN"
+    assert row["run-info"]["versions"]["flwr"].startswith("1.42")
+    assert row["run-info"]["config"]["model.channels"] == "4,8,16"
+
+    comparison = registry.compare(ids[1], ids[2])
+    assert comparison["metrics"]["central/dice"][2] == pytest.approx(0.1)
+    assert comparison["weight-distance"] > 0 and not comparison["same-weights"]
+
+    out = registry.export(ids[2], tmp_path / "export")
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["sha256"] == row["sha256"] and card["round"] == 3
+    loaded = load_exported(out)
+    x = torch.rand(2, 1, 32, 32)
+    models[2].eval()
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), models[2](x), rtol=0, atol=0)
+
+    registry.finish_run(run, "target", "done")
+    assert registry.resumable("abc") is None
+    with pytest.raises(RegistryError, match="stored versions"):
+        registry.version(999)
+    # a changed weight file is refused
+    weights = registry.folder / row["weights_path"]
+    state = torch.load(weights)
+    next(iter(state.values())).add_(1)
+    torch.save(state, weights)
+    with pytest.raises(RegistryError, match="SHA-256"):
+        registry.load_weights(ids[2])
