@@ -1,10 +1,10 @@
 """Cross-site validation: every site evaluates every final model.
 
 After training the server sends each connected site an ``evaluate`` message for
-each model (the final global model, and the best one when it is another round). A site
-evaluates the received shared parameters merged with its own private parameters
-(FLOP head, FedBN norms), so with ``private-params`` set every cell is that site's
-personalised model; private parameters never leave their site, so one site's
+each model (the final global model, and the best one when it is another round).
+A site evaluates the received shared parameters merged with its own private
+parameters (FLOP head, FedBN norms), so with ``private-params`` set every cell is
+that site's personalised model; private parameters never leave their site, so one site's
 personalised model is not evaluated at another. The result is a site x model
 matrix, written as ``cross_site.csv`` (one row per site, model and metric) and
 ``cross_site.md`` (one table per metric).
@@ -104,14 +104,12 @@ def write_matrix(matrix: Matrix, models: list[str], out_dir: Path) -> str:
     )
     with (out_dir / "cross_site.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["node", "model", "metric", "value"])
-        for node_id, row in matrix.items():
+        writer.writerow(["site", "model", "metric", "value"])
+        for site, row in matrix.items():
             for model in models:
                 for key in metrics:
                     value = row.get(model, {}).get(key)
-                    writer.writerow(
-                        [node_id, model, key, "" if value is None else value]
-                    )
+                    writer.writerow([site, model, key, "" if value is None else value])
     blocks = []
     for key in metrics:
         lines = [f"**{key}**", "", "| site | " + " | ".join(models) + " |"]

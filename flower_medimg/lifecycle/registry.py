@@ -46,7 +46,7 @@ DB_NAME = "registry.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    flower_run_id INTEGER NOT NULL,
+    flower_run_id TEXT NOT NULL,
     experiment TEXT NOT NULL,
     run_dir TEXT NOT NULL,
     started_at TEXT NOT NULL,
@@ -167,7 +167,7 @@ class ModelRegistry:
                 "strategy, config, versions, status, resumed_from) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)",
                 (
-                    int(flower_run_id),
+                    str(flower_run_id),
                     experiment,
                     str(run_dir),
                     _now(),

@@ -3,8 +3,9 @@
 ``Strategy.start`` runs a fixed number of rounds from round 1. :func:`run_round`
 is the body of its loop for one round (train, federated evaluation, central
 evaluation), the same calls in the same order with the same logging, so any
-Message-API strategy behaves as under ``start``; in addition it reports which
-nodes were sampled and what happened to every train reply.
+Message-API strategy behaves as under ``start``; in addition it hands the train
+replies to the strategy in a fixed order (by content, for reproducible runs) and
+reports which nodes were sampled and what happened to every train reply.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -57,6 +58,20 @@ class RoundReport:
     def contributors(self) -> list[int]:
         """Node ids whose replies were aggregated."""
         return [r.node_id for r in self.replies if r.accepted]
+
+
+def _content_key(reply: Message) -> str:
+    """Order replies by the hash of their arrays, not by arrival.
+
+    Aggregation sums floating-point numbers, so the order changes the last bits of
+    the model; with FedAdam's normalised step these grow to visible differences.
+    Sorting by the arrays makes a run with the same seeds give the same model, also
+    after a resume, whichever site answers first.
+    """
+    if reply.has_error():
+        return reply.error.reason
+    # arrays only: metrics such as train-time-s differ between runs
+    return "".join(record.object_id for record in reply.content.array_records.values())
 
 
 def log_start(
@@ -104,7 +119,9 @@ def run_round(
         arrays,
         sampled=[int(m.metadata.dst_node_id) for m in messages],
     )
-    replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
+    replies = sorted(
+        grid.send_and_receive(messages=messages, timeout=timeout), key=_content_key
+    )
     norms = update_norms(replies, arrays)
     weights_before = strategy_weights(strategy)
     with RejectionLog() as rejections:
