@@ -36,20 +36,11 @@ def _simulate(server_app, config, mods=None, num_supernodes=3):
     )
 
 
-class QueryWatcher:
-    """A ClientApp mod: site 1 declines statistics; every query reply is kept."""
-
-    def __init__(self):
-        self.replies = []
-
-    def __call__(self, msg: Message, context: Context, call_next):
-        if msg.metadata.message_type == "query":
-            if int(context.node_config["partition-id"]) == 1:
-                context.node_config["share-statistics"] = "false"
-            reply = call_next(msg, context)
-            self.replies.append(reply)
-            return reply
-        return call_next(msg, context)
+def site_1_declines_statistics(msg: Message, context: Context, call_next):
+    """A ClientApp mod: site 1's node_config says it does not share statistics."""
+    if int(context.node_config["partition-id"]) == 1:
+        context.node_config["share-statistics"] = "false"
+    return call_next(msg, context)
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +57,7 @@ def lifecycle_run(tmp_path_factory):
         "stop.target": 0.01,  # any trained model reaches it: stops after round 1
         "strategy.name": "fedavg",
     }
-    watcher = QueryWatcher()
-    # Ray runs the ClientApps in worker processes: the mod's list is a copy there,
-    # so the replies are checked through what the server received (statistics.json)
-    _simulate(make_server_app(**config), config, mods=[watcher])
+    _simulate(make_server_app(**config), config, mods=[site_1_declines_statistics])
     (run_dir,) = (tmp / "out").iterdir()
     return config, run_dir, tmp
 
