@@ -1,8 +1,8 @@
 """Evidence for issue 7: one small simulation showing the whole lifecycle.
 
-Runs 3 synthetic sites (scanner-shift 1) with the statistics phase, a patience
-stop rule, the registry keeping every round, cross-site validation and the audit
-log; then the registry and audit CLI. Usage: python sim/lifecycle_demo.py OUT_DIR
+Runs 3 synthetic sites (scanner-shift 1) with the statistics phase, a stop rule
+(target dice 0.4, or patience 2), the registry keeping every round, cross-site
+validation and the audit log; then the registry and audit CLI. Usage: python sim/lifecycle_demo.py OUT_DIR
 """
 
 import subprocess
@@ -28,8 +28,9 @@ config = {
     "strategy.name": "fedadam",
     "strategy.eta": 0.01,
     "stop.metric": "central/dice",
-    "stop.patience": 1,
-    "stop.min-delta": 0.02,
+    "stop.target": 0.4,
+    "stop.patience": 2,
+    "stop.min-delta": 0.01,
 }
 run_simulation(
     server_app=make_server_app(**config),
@@ -53,7 +54,7 @@ show("registry", "--path", str(out / "registry"), "compare", "1", "2")
 show("registry", "--path", str(out / "registry"), "export", "1", str(out / "export"))
 show("audit", "verify", str(run_dir / "audit.jsonl"))
 lines = (run_dir / "audit.jsonl").read_bytes().splitlines(keepends=True)
-lines[4] = lines[4].replace(b'"accepted":true', b'"accepted":fals', 1)
+lines[4] = lines[4].replace(b'"accepted":true', b'"accepted":false', 1)
 tampered = out / "audit-tampered.jsonl"
 tampered.write_bytes(b"".join(lines))
 show("audit", "verify", str(tampered))
