@@ -2,7 +2,8 @@
 
 Runs 3 synthetic sites (scanner-shift 1) with the statistics phase, a stop rule
 (target dice 0.4, or patience 2), the registry keeping every round, cross-site
-validation and the audit log; then the registry and audit CLI. Usage: python sim/lifecycle_demo.py OUT_DIR
+validation and the audit log; then the registry and audit CLI.
+Usage: python sim/lifecycle_demo.py OUT_DIR
 """
 
 import subprocess
