@@ -299,8 +299,9 @@ def run_federated(
         {int(c["partition-id"]): c[metric] for c in entry["clients-evaluate"]}
         for entry in summary["rounds"]
     ]
-    failed = [num_sites - len(entry["clients-train"]) for entry in summary["rounds"]]
-    return {"rounds": per_round, "failed-train-replies": failed}
+    # replies whose metrics the strategy aggregated: dropouts lower it, Krum keeps 1
+    aggregated = [len(entry["clients-train"]) for entry in summary["rounds"]]
+    return {"rounds": per_round, "train-replies": aggregated}
 
 
 def cell_config(
@@ -518,6 +519,7 @@ def write_plots(records: Sequence[dict[str, Any]], out: Path) -> None:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -537,6 +539,7 @@ def write_plots(records: Sequence[dict[str, Any]], out: Path) -> None:
             mean = [statistics.fmean(v) for v in zip(*curves, strict=True)]
             ax.plot(range(1, len(mean) + 1), mean, marker="o", label=method)
         ax.set(xlabel="round", ylabel=f"{metric} (mean over sites)", title=scenario)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(plots / f"{scenario}-rounds.png", dpi=100)
@@ -545,7 +548,7 @@ def write_plots(records: Sequence[dict[str, Any]], out: Path) -> None:
         summary = [r for r in rows if r["scenario"] == scenario]
         sites = [k[5:] for k in summary[0] if k.startswith("site-") and "std" not in k]
         width = 0.8 / len(summary)
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(sites) * len(summary)), 4))
+        fig, ax = plt.subplots(figsize=(max(6, 2 + 0.4 * len(sites) * len(summary)), 4))
         for i, row in enumerate(summary):
             ax.bar(
                 [k + i * width for k in range(len(sites))],

@@ -70,7 +70,7 @@ def test_tiny_grid_runs_writes_tables_and_plots_then_resumes(tmp_path, monkeypat
     ]
     federated = json.loads(cells[0].read_text())
     assert len(federated["rounds"]) == 2
-    assert federated["failed-train-replies"] == [0, 0]
+    assert federated["train-replies"] == [2, 2]
     assert set(federated["sites"]) == {"0", "1"}
     assert all(0.0 <= v <= 1.0 for v in federated["sites"].values())
     local = json.loads(cells[1].read_text())
