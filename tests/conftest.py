@@ -3,7 +3,7 @@
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
-from flower_medimg.config import DEFAULTS
+from flower_medimg import config
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -25,5 +25,8 @@ def isolated_model_registry(tmp_path_factory, monkeypatch):
     A registry shared between tests would let one test resume another's
     unfinished run of the same config.
     """
-    folder = tmp_path_factory.mktemp("registry")
-    monkeypatch.setitem(DEFAULTS, "registry.path", str(folder))
+    folder = str(tmp_path_factory.mktemp("registry"))
+    # a patched copy for resolve_config; DEFAULTS itself still mirrors pyproject.toml
+    monkeypatch.setattr(
+        config, "DEFAULTS", {**config.DEFAULTS, "registry.path": folder}
+    )
