@@ -36,12 +36,14 @@ def simulate(overrides: dict) -> tuple[dict, dict]:
     config = {"data.num-sites": SITES, **overrides}
     with tempfile.TemporaryDirectory() as out:
         run_simulation(
-            server_app=make_server_app(**{**config, "output-dir": out}),
+            server_app=make_server_app(
+                **{**config, "output-dir": out, "registry.path": f"{out}/registry"}
+            ),
             client_app=make_client_app(**config),
             num_supernodes=SITES,
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
         )
-        (run_dir,) = Path(out).iterdir()
+        (run_dir,) = Path(out).glob("run-*")
         summary = json.loads((run_dir / "metrics.json").read_text())
         state = torch.load(run_dir / "global_model.pt")
     return summary, state
