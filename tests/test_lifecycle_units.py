@@ -2,6 +2,7 @@
 
 import json
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -333,3 +334,16 @@ def test_registry_versions_keep_policy_export_and_sha(tmp_path):
     torch.save(state, weights)
     with pytest.raises(RegistryError, match="SHA-256"):
         registry.load_weights(ids[2])
+
+
+def test_strategy_state_with_received_buffers_pickles():
+    # arrays received over gRPC (deployment) hold memoryviews, which pickle refuses
+    gate = QualityGate(FedAdam())
+    gate.current_arrays = ArrayRecord({"w": Array(np.arange(4, dtype=np.float32))})
+    gate.current_arrays["w"].data = memoryview(gate.current_arrays["w"].data)
+    with pytest.raises(TypeError, match="memoryview"):
+        pickle.dumps(gate.current_arrays)
+    state = pickle.loads(pickle.dumps(capture_strategy_state(gate)))
+    restored = QualityGate(FedAdam())
+    restore_strategy_state(restored, state)
+    np.testing.assert_array_equal(restored.current_arrays["w"].numpy(), np.arange(4))

@@ -15,6 +15,8 @@ from __future__ import annotations
 from logging import WARNING
 from typing import Any
 
+import numpy as np
+from flwr.app import Array, ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
@@ -33,8 +35,23 @@ def _class_name(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
+def _picklable(value: Any) -> Any:
+    """Copy ArrayRecords into plain bytes.
+
+    Arrays received over gRPC hold ``memoryview`` buffers, which cannot be pickled.
+    """
+    if isinstance(value, ArrayRecord):
+        return ArrayRecord(
+            {key: Array(np.array(array.numpy())) for key, array in value.items()}
+        )
+    return value
+
+
 def capture_strategy_state(strategy: Strategy) -> list[dict[str, Any]]:
     """Return the attributes of each strategy in the chain (picklable values).
+
+    ArrayRecords are copied (see :func:`_picklable`); functions and the wrapped
+    strategies are left out.
 
     Returns
     -------
@@ -45,7 +62,7 @@ def capture_strategy_state(strategy: Strategy) -> list[dict[str, Any]]:
         {
             "class": _class_name(level),
             "attributes": {
-                name: value
+                name: _picklable(value)
                 for name, value in vars(level).items()
                 if not callable(value) and not isinstance(value, Strategy)
             },
