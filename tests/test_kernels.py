@@ -290,3 +290,20 @@ def test_fallback_weights_policy():
     w, rule = K.fallback_weights([1.0, 3.0], [5, 5])
     assert rule == "method"
     np.testing.assert_allclose(w, [0.25, 0.75])
+
+
+def test_read_blocks_accepts_memoryview_payloads():
+    models = _model(0)
+    record = _record(models)
+    layout = K.Layout.from_arrayrecord(record, small_tensor_size=1000)
+    viewed = _record(models)
+    for key in models:
+        viewed[key].data = memoryview(record[key].data)
+    for got, want in zip(
+        K.read_blocks(viewed, layout), K.read_blocks(record, layout), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+    # a memoryview payload that needs the full check (header of another shape)
+    viewed["conv.bias"].data = memoryview(Array(np.zeros(5, np.float32)).data)
+    with pytest.raises(ValueError, match="conv.bias"):
+        K.read_blocks(viewed, layout)

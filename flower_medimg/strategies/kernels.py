@@ -123,7 +123,7 @@ def _payload(array: Array) -> tuple[int, np.dtype, tuple[int, ...], bool]:
         start = 12
         header_len = int.from_bytes(data[8:12], "little")
     end = start + header_len
-    dtype, shape, fortran = _parse_npy_header(data[start:end])
+    dtype, shape, fortran = _parse_npy_header(bytes(data[start:end]))
     count = math.prod(shape)
     if len(data) - end != count * dtype.itemsize:
         raise ValueError(
@@ -332,7 +332,7 @@ def read_blocks(record: ArrayRecord, layout: Layout) -> list[np.ndarray]:
                 array.dtype == name
                 and array.shape == shape
                 and len(data) == length
-                and data.startswith(header)
+                and data[: len(header)] == header  # bytes or a memoryview
             ):
                 parts.append(memoryview(data)[len(header) :])
             else:
