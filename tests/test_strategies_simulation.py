@@ -28,17 +28,20 @@ from flower_medimg.strategies import (
 
 NUM_SITES = 3
 NAN_SITE = 2  # sends NaN arrays when the train config asks for it
+#: Every strategy waits until all sites are connected (a slow machine may register
+#: the last site after round 1 has sampled the others)
+ALL = {"min_available_nodes": NUM_SITES}
 STRATEGIES = {
-    "FastFedAvg": FastFedAvg,
-    "FedCostWAvg": FedCostWAvg,
-    "FedFocus": FedFocus,
-    "DistanceOutlierSuppression": DistanceOutlierSuppression,
-    "FedNova": FedNova,
-    "CyclicIncremental": CyclicIncremental,
-    "FastFedMedian": FastFedMedian,
-    "FastFedTrimmedAvg": FastFedTrimmedAvg,
-    "QualityGate(FedAvg)": lambda: QualityGate(FedAvg()),
-    "QualityGate(Krum)": lambda: QualityGate(Krum(min_train_nodes=3)),
+    "FastFedAvg": lambda: FastFedAvg(**ALL),
+    "FedCostWAvg": lambda: FedCostWAvg(**ALL),
+    "FedFocus": lambda: FedFocus(**ALL),
+    "DistanceOutlierSuppression": lambda: DistanceOutlierSuppression(**ALL),
+    "FedNova": lambda: FedNova(**ALL),
+    "CyclicIncremental": lambda: CyclicIncremental(**ALL),
+    "FastFedMedian": lambda: FastFedMedian(**ALL),
+    "FastFedTrimmedAvg": lambda: FastFedTrimmedAvg(**ALL),
+    "QualityGate(FedAvg)": lambda: QualityGate(FedAvg(**ALL)),
+    "QualityGate(Krum)": lambda: QualityGate(Krum(min_train_nodes=3, **ALL)),
 }
 GATED = {"QualityGate(FedAvg)", "QualityGate(Krum)", "FastFedAvg"}
 
