@@ -128,6 +128,7 @@ def test_budget_stops_one_site_while_the_run_completes(tmp_path):
         "output-dir": str(tmp_path),
         "data.num-sites": 3,
         "data.samples-per-site": 8,
+        "strategy.min-available-nodes": 3,  # round 1 waits for every site
     }
     run_simulation(
         server_app=make_server_app(**config),

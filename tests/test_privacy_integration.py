@@ -20,6 +20,7 @@ TINY = {
     "data.samples-per-site": 12,
     "data.num-sites": 3,
     "train.batch-size": 4,
+    "strategy.min-available-nodes": 3,  # round 1 waits for every site
 }
 
 

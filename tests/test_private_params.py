@@ -198,6 +198,7 @@ def test_flop_simulation_server_never_sees_heads(tmp_path, monkeypatch):
         "data.num-sites": 3,
         "output-dir": str(tmp_path / "out"),
         "strategy.name": "recording-fedavg",
+        "strategy.min-available-nodes": 3,  # every site trains in round 1
     }
     run_simulation(
         server_app=make_server_app(**config),
