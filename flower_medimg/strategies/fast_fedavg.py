@@ -35,11 +35,10 @@ class FastFedAvg(FedAvg):
     weighting metric, has ``num-examples <= 0``, non-finite metrics or arrays, or
     arrays whose keys, shapes or dtypes differ from the global model (spec section
     0.3), instead of raising for the whole round. Arrays are read in place from the
-    reply bytes and combined with fused multi-threaded kernels, which makes
-    aggregation several times faster than ``FedAvg``'s. Integer arrays (e.g.
-    BatchNorm ``num_batches_tracked``) are averaged and rounded back to their dtype.
-    The round's train MetricRecord gets the counts ``gate-accepted`` and
-    ``gate-rejected``.
+    reply bytes and combined with BLAS, which makes aggregation several times faster
+    than ``FedAvg``'s. Integer arrays (e.g. BatchNorm ``num_batches_tracked``) are
+    averaged and rounded back to their dtype. The round's train MetricRecord gets the
+    counts ``gate-accepted`` and ``gate-rejected``.
 
     Subclasses change the aggregation weights (``_aggregation_weights``) or the
     combination of the replies (``_combine``).

@@ -14,9 +14,10 @@ tensor. Kernels work on ``columns``: for each reply, the list of its 1-D block a
 those back into an ``ArrayRecord``). Tests can pass plain 1-D numpy arrays as
 columns.
 
-Weighted sums use torch's fused, multi-threaded ``y.add_(x, alpha=a)`` on tensors
-that share the replies' memory (no temporary); order statistics and Gram matrices
-stack the replies column chunk by column chunk into a small cache-resident buffer.
+Weighted sums use BLAS ``?axpy`` (``y += a x`` in place, no temporary) directly on
+the replies' bytes, one call per reply and tensor (BLAS threads as configured, e.g.
+``OPENBLAS_NUM_THREADS``); order statistics and Gram matrices stack the replies
+column chunk by column chunk into a small cache-resident buffer.
 
 The pure functions at the end compute the method-specific weights and scores of the
 strategies in this package (COPOD, FedCostWAvg, FedFocus, FedNova), so that the worked
@@ -27,17 +28,15 @@ from __future__ import annotations
 
 import ast
 import math
-import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from io import BytesIO
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SType
+from scipy.linalg import blas
 from scipy.spatial.distance import cdist
 
 __all__ = [
@@ -66,13 +65,6 @@ __all__ = [
 
 #: Float tensors with fewer elements than this are packed into one block per dtype.
 SMALL_TENSOR_SIZE = 1 << 14
-
-#: Elements per ``add_`` call in weighted sums: below torch's parallel grain size
-#: (32768), so each call runs on one thread.
-_CHUNK = 32000
-
-#: Most threads a weighted sum uses (memory bandwidth saturates beyond a few).
-_MAX_THREADS = 4
 
 #: Number of columns of the (N, chunk) buffer used by order statistics / Gram matrix.
 _STACK_BYTES = 1 << 21
@@ -443,8 +435,8 @@ def weighted_sum(
 ) -> list[np.ndarray | None]:
     """Return ``sum_k c_k x_k`` for every block (no normalisation).
 
-    Float32 and float64 blocks accumulate in their own precision with torch's
-    ``add_(x, alpha=c)`` (as Flower's FedAvg, float32 stays float32); other dtypes
+    Float32 and float64 blocks accumulate in their own precision with BLAS ``axpy``
+    (as Flower's FedAvg, float32 stays float32); other dtypes
     (integers, float16) accumulate in float64.
 
     Parameters
@@ -467,75 +459,23 @@ def weighted_sum(
     num_blocks = len(columns[0])
     wanted = range(num_blocks) if blocks is None else blocks
     out: list[np.ndarray | None] = [None] * num_blocks
-    fused: list[_FusedSum] = []
-    # torch warns that the replies' read-only bytes back the tensors; they are only
-    # read
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        for b in wanted:
-            first = columns[0][b]
-            acc_dtype = _accumulator_dtype(first.dtype)
-            terms = [
-                (columns[k][b], float(coeffs[k]))
-                for k in range(1, len(columns))
-                if coeffs[k] != 0.0
-            ]
-            if acc_dtype == first.dtype:
-                acc = np.empty(first.size, dtype=acc_dtype)
-                fused.append(
-                    _FusedSum(
-                        torch.from_numpy(acc),
-                        [(torch.from_numpy(first), float(coeffs[0]))]
-                        + [(torch.from_numpy(x), c) for x, c in terms],
-                    )
-                )
-            else:
-                acc = np.multiply(first, coeffs[0], dtype=acc_dtype)
-                tmp = np.empty_like(acc)
-                for x, c in terms:
-                    np.multiply(x, c, out=tmp, casting="unsafe")
-                    np.add(acc, tmp, out=acc)
-            out[b] = acc
-    _run_fused_sums(fused)
+    for b in wanted:
+        first = columns[0][b]
+        acc_dtype = _accumulator_dtype(first.dtype)
+        acc = np.multiply(first, coeffs[0], dtype=acc_dtype)
+        terms = [(columns[k][b], coeffs[k]) for k in range(1, len(columns))]
+        if acc_dtype == first.dtype:
+            axpy = blas.saxpy if acc_dtype == np.float32 else blas.daxpy
+            for x, c in terms:
+                if c != 0.0:
+                    axpy(x, acc, a=c)  # acc += c x in place, no temporary
+        else:
+            tmp = np.empty_like(acc)
+            for x, c in terms:
+                np.multiply(x, c, out=tmp, casting="unsafe")
+                np.add(acc, tmp, out=acc)
+        out[b] = acc
     return out
-
-
-@dataclass(frozen=True)
-class _FusedSum:
-    """``out = sum_k c_k x_k`` over tensors of one block (``terms`` = (x, c))."""
-
-    out: torch.Tensor
-    terms: list[tuple[torch.Tensor, float]]
-
-
-def _run_fused_sums(sums: Sequence[_FusedSum]) -> None:
-    """Compute ``sums`` chunk by chunk on up to ``_MAX_THREADS`` threads.
-
-    Each chunk is smaller than torch's parallel grain size, so every ``mul``/``add_``
-    runs on the thread that calls it; the chunks are dealt round-robin to worker
-    threads (torch releases the GIL). Unlike one large multi-threaded call per
-    tensor, this degrades gracefully when other processes hold the cores.
-    """
-    chunks = [
-        (fused, start, min(start + _CHUNK, fused.out.numel()))
-        for fused in sums
-        for start in range(0, fused.out.numel(), _CHUNK)
-    ]
-    threads = min(_MAX_THREADS, torch.get_num_threads(), len(chunks))
-    if threads <= 1:
-        _accumulate(chunks)
-        return
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(_accumulate, [chunks[i::threads] for i in range(threads)]))
-
-
-def _accumulate(chunks: Sequence[tuple[_FusedSum, int, int]]) -> None:
-    for fused, start, stop in chunks:
-        target = fused.out[start:stop]
-        (first, c0), *rest = fused.terms
-        torch.mul(first[start:stop], c0, out=target)
-        for x, c in rest:
-            target.add_(x[start:stop], alpha=c)
 
 
 def normalise_weights(weights: Sequence[float] | np.ndarray) -> np.ndarray:
