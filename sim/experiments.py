@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.common.config import flatten_dict
 from flwr.simulation import run_simulation
 from monai.data import DataLoader
 from rich.progress import Progress
@@ -87,16 +88,6 @@ def available_scenarios() -> list[str]:
     return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
 
 
-def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def load_scenario(name: str) -> dict[str, Any]:
     """Return a scenario preset's run-config overrides (dotted keys).
 
@@ -112,7 +103,7 @@ def load_scenario(name: str) -> dict[str, Any]:
             f"Unknown scenario {name!r}; available scenarios: "
             f"{', '.join(available_scenarios())}"
         )
-    overrides = _flatten(tomllib.loads(path.read_text()).get("config", {}))
+    overrides = flatten_dict(tomllib.loads(path.read_text()).get("config", {}))
     try:
         resolve_config(overrides=overrides)
     except KeyError as error:

@@ -2,6 +2,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from flwr.common.config import flatten_dict
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import FedAvg
 
@@ -15,19 +16,9 @@ from flower_medimg.strategies.registry import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _flatten(table, prefix=""):
-    flat = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def test_pyproject_run_config_equals_code_defaults():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    run_config = _flatten(pyproject["tool"]["flwr"]["app"]["config"])
+    run_config = flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])
     assert run_config == DEFAULTS
 
 
