@@ -56,6 +56,7 @@ def lifecycle_run(tmp_path_factory):
         "stop.metric": "central/dice",
         "stop.target": 0.01,  # any trained model reaches it: stops after round 1
         "strategy.name": "fedavg",
+        "strategy.min-available-nodes": 3,  # statistics and round 1 wait for all
     }
     _simulate(make_server_app(**config), config, mods=[site_1_declines_statistics])
     (run_dir,) = (tmp / "out").iterdir()

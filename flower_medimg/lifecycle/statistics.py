@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from PIL import Image, ImageDraw
 
 from flower_medimg.data import site_datasets
+from flower_medimg.node_deadline import NodeDeadlineGrid
 
 __all__ = [
     "QUERY_STATISTICS",
@@ -332,6 +333,13 @@ def _plot(
     image.save(path)
 
 
+def _connected_sites(grid: Grid) -> list[int]:
+    """Return the connected nodes, once the run's required sites are connected."""
+    if isinstance(grid, NodeDeadlineGrid):
+        return grid.wait_for_nodes()
+    return list(grid.get_node_ids())
+
+
 def collect_statistics(
     grid: Grid, config: Mapping[str, Any], out_dir: Path, timeout: float
 ) -> StatisticsReport:
@@ -356,7 +364,7 @@ def collect_statistics(
             dst_node_id=node_id,
             message_type=QUERY_STATISTICS,
         )
-        for node_id in sorted(grid.get_node_ids())
+        for node_id in sorted(_connected_sites(grid))
     ]
     report = StatisticsReport()
     for reply in grid.send_and_receive(messages, timeout=timeout):
