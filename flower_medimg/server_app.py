@@ -139,6 +139,9 @@ def run_experiment(grid: Grid, context: Context, config: dict[str, Any]) -> dict
         int(params.get("min-available-nodes", 0)), int(params.get("min-train-nodes", 0))
     )
     grid = NodeDeadlineGrid(grid, required_nodes, float(config["node-wait-timeout"]))
+    # Flower sizes a round's sample from the nodes connected when it starts: wait for
+    # the required sites first, so round 1 does not train on whoever came first
+    grid.wait_for_nodes()
     if config["dp.user-level"] != "none":
         strategy = _with_user_level_dp(strategy, config, params, grid)
     outcome = run_lifecycle(

@@ -28,9 +28,10 @@ from flower_medimg.strategies import (
 
 NUM_SITES = 3
 NAN_SITE = 2  # sends NaN arrays when the train config asks for it
-#: Every strategy waits until all sites are connected (a slow machine may register
-#: the last site after round 1 has sampled the others)
-ALL = {"min_available_nodes": NUM_SITES}
+#: Every strategy samples all sites: Flower sizes round 1's sample from the nodes
+#: connected before it waits for ``min_available_nodes``, so on a slow machine it
+#: would otherwise train on ``min_train_nodes`` sites only
+ALL = {"min_available_nodes": NUM_SITES, "min_train_nodes": NUM_SITES}
 STRATEGIES = {
     "FastFedAvg": lambda: FastFedAvg(**ALL),
     "FedCostWAvg": lambda: FedCostWAvg(**ALL),
@@ -41,7 +42,7 @@ STRATEGIES = {
     "FastFedMedian": lambda: FastFedMedian(**ALL),
     "FastFedTrimmedAvg": lambda: FastFedTrimmedAvg(**ALL),
     "QualityGate(FedAvg)": lambda: QualityGate(FedAvg(**ALL)),
-    "QualityGate(Krum)": lambda: QualityGate(Krum(min_train_nodes=3, **ALL)),
+    "QualityGate(Krum)": lambda: QualityGate(Krum(**ALL)),
 }
 GATED = {"QualityGate(FedAvg)", "QualityGate(Krum)", "FastFedAvg"}
 
