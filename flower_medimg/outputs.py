@@ -63,12 +63,12 @@ class RoundRecorder:
     def train(self, records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
         """Record the train replies' metrics and return their weighted average."""
         self._pending_train = _metric_dicts(records)
-        return aggregate_metricrecords(records, weighted_by_key)
+        return _without_site_ids(aggregate_metricrecords(records, weighted_by_key))
 
     def evaluate(self, records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
         """Record the evaluate replies' metrics and return their weighted average."""
         self._pending_evaluate = _metric_dicts(records)
-        return aggregate_metricrecords(records, weighted_by_key)
+        return _without_site_ids(aggregate_metricrecords(records, weighted_by_key))
 
     def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Close ``server_round`` and return its central evaluation, if any."""
@@ -83,6 +83,13 @@ class RoundRecorder:
             metrics = MetricRecord(self.central_evaluation(arrays))
         self._round_started = time.perf_counter()
         return metrics
+
+
+def _without_site_ids(metrics: MetricRecord) -> MetricRecord:
+    """Drop ``partition-id``: the sites' ids are recorded per site, never averaged."""
+    if "partition-id" in metrics:
+        del metrics["partition-id"]
+    return metrics
 
 
 def _metric_dicts(records: list[RecordDict]) -> list[dict[str, Any]]:
