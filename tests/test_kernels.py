@@ -307,3 +307,16 @@ def test_read_blocks_accepts_memoryview_payloads():
     viewed["conv.bias"].data = memoryview(Array(np.zeros(5, np.float32)).data)
     with pytest.raises(ValueError, match="conv.bias"):
         K.read_blocks(viewed, layout)
+
+
+def test_weighted_sum_of_a_tensor_larger_than_one_chunk():
+    rng = np.random.default_rng(0)
+    size = 2 * K._AXPY_CHUNK + 123  # three chunks, the last one short
+    columns = [[rng.standard_normal(size).astype(np.float32)] for _ in range(3)]
+    weights = np.array([0.2, 0.3, 0.5])
+    (got,) = K.weighted_sum(columns, weights)
+    expected = sum(
+        w * c[0].astype(np.float64) for w, c in zip(weights, columns, strict=True)
+    )
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)

@@ -15,9 +15,10 @@ those back into an ``ArrayRecord``). Tests can pass plain 1-D numpy arrays as
 columns.
 
 Weighted sums use BLAS ``?axpy`` (``y += a x`` in place, no temporary) directly on
-the replies' bytes, one call per reply and tensor (BLAS threads as configured, e.g.
-``OPENBLAS_NUM_THREADS``); order statistics and Gram matrices stack the replies
-column chunk by column chunk into a small cache-resident buffer.
+the replies' bytes, one call per reply and tensor, or per cache-sized chunk of a
+large tensor (BLAS threads as configured, e.g. ``OPENBLAS_NUM_THREADS``); order
+statistics and Gram matrices stack the replies column chunk by column chunk into a
+small cache-resident buffer.
 
 The pure functions at the end compute the method-specific weights and scores of the
 strategies in this package (COPOD, FedCostWAvg, FedFocus, FedNova), so that the worked
@@ -65,6 +66,9 @@ __all__ = [
 
 #: Float tensors with fewer elements than this are packed into one block per dtype.
 SMALL_TENSOR_SIZE = 1 << 14
+
+#: Elements per BLAS axpy call on large tensors (1 MiB of float32, cache-sized).
+_AXPY_CHUNK = 1 << 18
 
 #: Number of columns of the (N, chunk) buffer used by order statistics / Gram matrix.
 _STACK_BYTES = 1 << 21
@@ -466,9 +470,13 @@ def weighted_sum(
         terms = [(columns[k][b], coeffs[k]) for k in range(1, len(columns))]
         if acc_dtype == first.dtype:
             axpy = blas.saxpy if acc_dtype == np.float32 else blas.daxpy
-            for x, c in terms:
-                if c != 0.0:
-                    axpy(x, acc, a=c)  # acc += c x in place, no temporary
+            live = [(x, c) for x, c in terms if c != 0.0]
+            # acc += c x in place; a large tensor goes chunk by chunk, so that its
+            # accumulator stays in cache while every reply is added to it
+            for start in range(0, acc.size, _AXPY_CHUNK):
+                size = min(_AXPY_CHUNK, acc.size - start)
+                for x, c in live:
+                    axpy(x, acc, n=size, a=c, offx=start, offy=start)
         else:
             tmp = np.empty_like(acc)
             for x, c in terms:
