@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_config import TINY as TINY_SEGMENTATION
 
 from flower_medimg.federation import (
     Federation,
@@ -38,14 +39,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 FLWR = str(Path(sys.executable).with_name("flwr"))
-TINY = {
-    "model.channels": "4,8,16",
-    "data.image-size": 32,
-    "data.samples-per-site": 12,
-    "data.num-sites": 3,
-    "train.batch-size": 4,
-    "central-eval": False,
-}
+TINY = {**TINY_SEGMENTATION, "central-eval": False}
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
+from tiny_config import TINY
 
 from flower_medimg.client_apps import make_client_app
 from flower_medimg.config import resolve_config
@@ -17,13 +18,6 @@ from flower_medimg.lifecycle.registry import weights_sha256
 from flower_medimg.outputs import load_global_model
 from flower_medimg.server_app import make_server_app, run_experiment
 
-TINY = {
-    "model.channels": "4,8,16",
-    "data.image-size": 32,
-    "data.samples-per-site": 12,
-    "data.num-sites": 3,
-    "train.batch-size": 4,
-}
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.simulation import run_simulation
+from tiny_config import TINY as TINY_SEGMENTATION
 
 from flower_medimg.client_apps import make_client_app
 from flower_medimg.config import resolve_config
@@ -20,12 +21,8 @@ from flower_medimg.server_app import make_server_app
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
+    **TINY_SEGMENTATION,
     "num-server-rounds": 2,
-    "model.channels": "4,8,16",
-    "data.image-size": 32,
-    "data.samples-per-site": 12,
-    "data.num-sites": 3,
-    "train.batch-size": 4,
     "strategy.min-available-nodes": 3,  # round 1 waits for every site
 }
 
