@@ -194,6 +194,11 @@ class Layout:
     headers: dict[str, bytes]
 
     @cached_property
+    def key_set(self) -> frozenset[str]:
+        """The keys, as a set (checked against every reply)."""
+        return frozenset(self.keys)
+
+    @cached_property
     def fast_checks(self) -> dict[str, tuple[str, tuple[int, ...], bytes, int]]:
         """Per key: dtype name, shape, expected header, expected payload length."""
         return {
@@ -314,7 +319,7 @@ def read_blocks(record: ArrayRecord, layout: Layout) -> list[np.ndarray]:
         If the record does not match the layout (keys, shapes, dtypes, payload). The
         message names the offending key.
     """
-    if len(record) != len(layout.keys) or set(record) != set(layout.keys):
+    if len(record) != len(layout.keys) or set(record) != layout.key_set:
         raise ValueError(layout.matches(record))
     checks = layout.fast_checks
     columns: list[np.ndarray] = []
