@@ -32,9 +32,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from flower_medimg.config import resolve_config
+from flower_medimg.core.models import model_from_settings
+from flower_medimg.core.settings import resolve_settings
 from flower_medimg.federation import down, up
-from flower_medimg.models import model_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FLWR = str(Path(sys.executable).with_name("flwr"))
@@ -74,8 +74,8 @@ def serialized_bytes(record) -> int:
 
 def traffic(overrides: dict) -> dict:
     """Per-site bytes of one FedAvg round (train + evaluate) for one model."""
-    config = resolve_config(overrides=overrides)
-    model = model_from_config(config)
+    config = resolve_settings(overrides=overrides)
+    model = model_from_settings(config)
     arrays = ArrayRecord(model.state_dict())
     train_config = ConfigRecord({"lr": 0.005, "local-epochs": 1, "server-round": 1})
     train_metrics = MetricRecord(

@@ -55,12 +55,12 @@ from rich.progress import Progress
 from torch.utils.data import ConcatDataset
 
 from flower_medimg.client_apps import make_client_app
-from flower_medimg.client_apps.app import device
-from flower_medimg.client_apps.tasks import get_task
 from flower_medimg.client_apps.training import make_optimizer, train_local
-from flower_medimg.config import DEFAULTS, resolve_config
+from flower_medimg.core.device import device
+from flower_medimg.core.models import model_from_settings
+from flower_medimg.core.settings import DEFAULTS, resolve_settings
+from flower_medimg.core.tasks import get_task
 from flower_medimg.data import site_datasets
-from flower_medimg.models import model_from_config
 from flower_medimg.server_app import make_server_app
 from flower_medimg.strategies.registry import STRATEGIES
 
@@ -105,7 +105,7 @@ def load_scenario(name: str) -> dict[str, Any]:
         )
     overrides = flatten_dict(tomllib.loads(path.read_text()).get("config", {}))
     try:
-        resolve_config(overrides=overrides)
+        resolve_settings(overrides=overrides)
     except KeyError as error:
         raise ValueError(f"Scenario {path}: {error.args[0]}") from None
     return overrides
@@ -191,9 +191,7 @@ def _train_loader(dataset, config: dict[str, Any], seed: int) -> DataLoader:
 def _sites(config: dict[str, Any]) -> list[tuple[Any, Any]]:
     num_sites = int(config["data.num-sites"])
     return [
-        site_datasets(
-            config["task"], {"partition-id": k, "num-partitions": num_sites}, config
-        )
+        site_datasets(config, {"partition-id": k, "num-partitions": num_sites})
         for k in range(num_sites)
     ]
 
@@ -214,11 +212,11 @@ def run_baseline(kind: str, config: dict[str, Any]) -> dict[str, Any]:
         loaders = [_train_loader(train, config, seed) for train, _ in sites]
         budget = sum(len(loader) for loader in loaders)  # all sites' steps per epoch
         pooled = _train_loader(ConcatDataset([t for t, _ in sites]), config, seed)
-        trainees = [(model_from_config(config), pooled, budget)]
+        trainees = [(model_from_settings(config), pooled, budget)]
     else:
         trainees = [
             (
-                model_from_config(config),
+                model_from_settings(config),
                 _train_loader(train, config, seed + k),
                 None,
             )
@@ -308,7 +306,7 @@ def cell_config(
     }
     if "registry.path" in DEFAULTS:  # no model registry for throw-away cells
         overrides["registry.path"] = ""
-    return resolve_config(overrides=overrides)
+    return resolve_settings(overrides=overrides)
 
 
 def run_cell(
@@ -373,7 +371,7 @@ def run_grid(
         load_scenario(scenario)
     for method in methods:
         method_overrides(method)
-    resolve_config(overrides=settings)
+    resolve_settings(overrides=settings)
     cells = [(s, m, seed) for s in scenarios for m in methods for seed in seeds]
     counts = {"ran": 0, "skipped": 0}
     with Progress() as progress:

@@ -29,11 +29,11 @@ from monai.data import DataLoader
 from torch.utils.data import ConcatDataset
 
 from flower_medimg.client_apps import make_client_app
-from flower_medimg.client_apps.tasks import get_task
 from flower_medimg.client_apps.training import make_optimizer, train_local
-from flower_medimg.config import resolve_config
+from flower_medimg.core.models import model_from_settings
+from flower_medimg.core.settings import resolve_settings
+from flower_medimg.core.tasks import get_task
 from flower_medimg.data import central_test_dataset, site_datasets
-from flower_medimg.models import model_from_config
 from flower_medimg.server_app import make_server_app
 
 
@@ -53,14 +53,10 @@ def federated(config: dict, num_sites: int, out: Path) -> dict:
 def pooled(config: dict, num_sites: int, total_steps: int) -> dict:
     """Train on all sites' pooled training data for ``total_steps`` optimizer steps."""
     torch.manual_seed(int(config["seed"]))
-    model = model_from_config(config)
+    model = model_from_settings(config)
     task = get_task(config["task"])
     train_sets = [
-        site_datasets(
-            config["task"],
-            {"partition-id": k, "num-partitions": num_sites},
-            config,
-        )[0]
+        site_datasets(config, {"partition-id": k, "num-partitions": num_sites})[0]
         for k in range(num_sites)
     ]
     loader = DataLoader(
@@ -82,7 +78,7 @@ def pooled(config: dict, num_sites: int, total_steps: int) -> dict:
         train_local(model, first, task.loss_fn(), optimizer, 1, device)
     seconds = time.perf_counter() - started
     test = DataLoader(
-        central_test_dataset(config["task"], num_sites, config),
+        central_test_dataset(config),
         batch_size=int(config["train.batch-size"]),
     )
     return {**task.evaluate(model, test, device), "train-time-s": seconds}
@@ -94,7 +90,7 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=4)
     args = parser.parse_args()
 
-    config = resolve_config(
+    config = resolve_settings(
         overrides={"num-server-rounds": args.rounds, "data.num-sites": args.sites}
     )
     with tempfile.TemporaryDirectory() as tmp:

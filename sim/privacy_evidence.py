@@ -41,12 +41,12 @@ from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
 
 from flower_medimg.client_apps import make_client_app
-from flower_medimg.client_apps.tasks import get_task
 from flower_medimg.client_apps.training import make_optimizer, train_local
-from flower_medimg.config import resolve_config
+from flower_medimg.core.models import build_model, model_from_settings
+from flower_medimg.core.settings import resolve_settings
+from flower_medimg.core.tasks import get_task
 from flower_medimg.data import synthetic_site
 from flower_medimg.data.datasets import make_dataset
-from flower_medimg.models import build_model, model_from_config
 from flower_medimg.server_app import make_server_app
 
 warnings.filterwarnings("ignore")
@@ -126,7 +126,7 @@ def _losses(model: torch.nn.Module, dataset, task) -> np.ndarray:
 def mia(epochs: int) -> None:
     """Loss-threshold membership inference on one site, without and with DP-SGD."""
     print(f"\n== membership inference (loss threshold), one site, {epochs} epochs ==")
-    config = resolve_config()
+    config = resolve_settings()
     task = get_task("segmentation")
     site = synthetic_site("segmentation", 0, 4, samples_per_site=96, val_fraction=0.5)
     members = make_dataset(site["training"], "segmentation", 2, 64, from_files=False)
@@ -135,7 +135,7 @@ def mia(epochs: int) -> None:
     )
     for name, sigma in (("no DP", 0.0), ("DP-SGD σ=1", 1.0)):
         torch.manual_seed(0)
-        model = model_from_config(config)
+        model = model_from_settings(config)
         if sigma:
             model = ModuleValidator.fix(model)
         optimizer = make_optimizer(model, "adam", 0.005)

@@ -3,7 +3,7 @@
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
-from flower_medimg import config
+from flower_medimg.core import settings
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -26,7 +26,7 @@ def isolated_model_registry(tmp_path_factory, monkeypatch):
     unfinished run of the same config.
     """
     folder = str(tmp_path_factory.mktemp("registry"))
-    # a patched copy for resolve_config; DEFAULTS itself still mirrors pyproject.toml
+    # a patched copy for resolve_settings; SETTINGS itself still mirrors pyproject.toml
     monkeypatch.setattr(
-        config, "DEFAULTS", {**config.DEFAULTS, "registry.path": folder}
+        settings, "DEFAULTS", {**settings.DEFAULTS, "registry.path": folder}
     )

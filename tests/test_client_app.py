@@ -1,13 +1,14 @@
 """The ClientApp's train and evaluate handlers on a tiny synthetic site."""
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from flower_medimg.client_apps import make_client_app
-from flower_medimg.config import resolve_config
+from flower_medimg.core.models import model_from_settings
+from flower_medimg.core.settings import resolve_settings
 from flower_medimg.data import site_datasets
-from flower_medimg.models import model_from_config
 
 TINY = {
     "model.channels": "4,8,16",
@@ -30,28 +31,30 @@ def _context(config, partition_id=1):
     )
 
 
-def _message(arrays, message_type, server_round=1):
-    content = RecordDict(
-        {"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}
-    )
+def _message(arrays, message_type, server_round=1, request=()):
+    config = ConfigRecord({"server-round": server_round})
+    if request:
+        config["request-metrics"] = list(request)
+    content = RecordDict({"arrays": arrays, "config": config})
     return Message(content=content, dst_node_id=11, message_type=message_type)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    config = resolve_config(overrides=TINY)
+    config = resolve_settings(overrides=TINY)
     torch.manual_seed(0)
-    arrays = ArrayRecord(model_from_config(config).state_dict())
+    arrays = ArrayRecord(model_from_settings(config).state_dict())
     return config, arrays
 
 
 def test_train_reply(setup):
     config, arrays = setup
     app = make_client_app(**TINY)
-    reply = app(_message(arrays, "train"), _context({}))
+    losses = ("train-loss-before", "train-loss-after")
+    reply = app(_message(arrays, "train", request=losses), _context({}))
     assert not reply.has_error(), reply.error
     metrics = reply.content["metrics"]
-    train_ds, _ = site_datasets("segmentation", _context({}).node_config, config)
+    train_ds, _ = site_datasets(config, _context({}).node_config)
     assert metrics["num-examples"] == len(train_ds)  # samples, not batches
     n = len(train_ds)
     batches = n // 4 if n % 4 == 1 else -(-n // 4)  # a last batch of 1 is dropped
@@ -84,8 +87,8 @@ def test_classification_app_reply():
         "model.channels": "4,8,8,16",
         "train.local-epochs": 1,
     }
-    config = resolve_config(overrides=overrides)
-    arrays = ArrayRecord(model_from_config(config).state_dict())
+    config = resolve_settings(overrides=overrides)
+    arrays = ArrayRecord(model_from_settings(config).state_dict())
     app = make_client_app(**overrides)
     reply = app(_message(arrays, "evaluate"), _context({}, partition_id=0))
     metrics = reply.content["metrics"]
@@ -140,6 +143,14 @@ def test_attacking_site_sends_the_attacked_arrays(setup, kind):
         assert (sent[key].numpy() == received).all()
     else:
         assert set(sent.keys()) != set(arrays.keys())
-    # a site not listed in attack.sites trains honestly
-    other = app(_message(arrays, "train"), _context({}, partition_id=2))
-    assert set(other.content["arrays"].keys()) == set(arrays.keys())
+    # a site not listed in attack.sites trains honestly: it sends what the same
+    # site sends without any attack configured
+    other = app(_message(arrays, "train"), _context({}, partition_id=2)).content
+    clean = make_client_app(**TINY)(
+        _message(arrays, "train"), _context({}, partition_id=2)
+    ).content
+    assert set(other["arrays"].keys()) == set(arrays.keys())
+    for name in arrays:
+        np.testing.assert_array_equal(
+            other["arrays"][name].numpy(), clean["arrays"][name].numpy()
+        )

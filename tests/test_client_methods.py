@@ -14,9 +14,7 @@ from torch import nn
 from flower_medimg.client_apps import make_client_app
 from flower_medimg.client_apps.dropouts import dropped_out, failing_sites
 from flower_medimg.client_apps.methods import (
-    AmpNorm,
     ClientMethods,
-    amplitude_normalize,
     balanced_class_weights,
     class_counts,
     fedmax_penalty,
@@ -26,9 +24,9 @@ from flower_medimg.client_apps.methods import (
     proximal_term,
     weighted_loss,
 )
-from flower_medimg.client_apps.methods.harmofl import window_slices
-from flower_medimg.config import resolve_config
-from flower_medimg.models import model_from_config
+from flower_medimg.core.amp_norm import AmpNorm, amplitude_normalize, window_slices
+from flower_medimg.core.models import model_from_settings
+from flower_medimg.core.settings import resolve_settings
 
 ATOL = 1e-6
 TINY = {
@@ -107,9 +105,9 @@ def test_harmofl_3d_shapes_and_dc():
 
 def test_harmofl_network_keeps_its_keys_and_adds_the_amplitude():
     base = {**TINY, "model.spatial-dims": 3, "data.image-size": 16}
-    plain = model_from_config(resolve_config(overrides=base))
-    config = resolve_config(overrides={**base, "method.names": "harmofl"})
-    model = model_from_config(config).train()
+    plain = model_from_settings(resolve_settings(overrides=base))
+    config = resolve_settings(overrides={**base, "method.names": "harmofl"})
+    model = model_from_settings(config).train()
     keys = list(model.state_dict())
     assert keys[: len(plain.state_dict())] == list(plain.state_dict())
     assert keys[-1] == "amp_norm.running_amp"
@@ -198,7 +196,9 @@ def _train_message(arrays, server_round=1, **config):
 @pytest.fixture(scope="module")
 def global_arrays():
     torch.manual_seed(0)
-    return ArrayRecord(model_from_config(resolve_config(overrides=TINY)).state_dict())
+    return ArrayRecord(
+        model_from_settings(resolve_settings(overrides=TINY)).state_dict()
+    )
 
 
 def _distance(arrays, reference):
@@ -258,7 +258,7 @@ def test_class_weighted_fedmax_training_through_the_client_app():
         "method.names": "class-weights,fedmax",
     }
     arrays = ArrayRecord(
-        model_from_config(resolve_config(overrides=overrides)).state_dict()
+        model_from_settings(resolve_settings(overrides=overrides)).state_dict()
     )
     reply = make_client_app(**overrides)(_train_message(arrays), _site_context())
     assert not reply.has_error(), reply.error
@@ -284,7 +284,7 @@ def test_fedmax_penalty_uses_the_last_linear_layers_input():
     net(x)
     expected = fedmax_term(torch.relu(net[0](x)), 2.0)
     assert float(penalty().detach()) == pytest.approx(float(expected.detach()))
-    unet = model_from_config(resolve_config(overrides=TINY))
+    unet = model_from_settings(resolve_settings(overrides=TINY))
     with pytest.raises(ValueError, match="FedMax needs a classification network"):
         fedmax_penalty(unet, 1.0)
     with pytest.raises(ValueError, match="fedmax-beta"):
@@ -296,22 +296,22 @@ def test_fedmax_penalty_uses_the_last_linear_layers_input():
 
 def test_unknown_method_lists_the_valid_ones():
     with pytest.raises(ValueError, match="'harmofll'.*harmofl, class-weights"):
-        ClientMethods.from_config(
-            resolve_config(overrides={"method.names": "harmofll"})
+        ClientMethods.from_settings(
+            resolve_settings(overrides={"method.names": "harmofll"})
         )
-    both = ClientMethods.from_config(
-        resolve_config(overrides={"method.names": "HarmoFL, class-weights"})
+    both = ClientMethods.from_settings(
+        resolve_settings(overrides={"method.names": "HarmoFL, class-weights"})
     )
     assert both.harmofl and both.class_weights and both.perturbation == 0.05
-    assert ClientMethods.from_config(resolve_config()).perturbation == 0.0
+    assert ClientMethods.from_settings(resolve_settings()).perturbation == 0.0
 
 
 def test_methods_refuse_dp_sgd():
-    config = resolve_config(
+    config = resolve_settings(
         overrides={"method.names": "harmofl", "dp.noise-multiplier": 1.0}
     )
     with pytest.raises(ValueError, match="harmofl cannot run with DP-SGD"):
-        ClientMethods.from_config(config)
+        ClientMethods.from_settings(config)
 
 
 # --- HarmoFL through the ClientApp ---------------------------------------------------
@@ -320,7 +320,7 @@ def test_methods_refuse_dp_sgd():
 def test_harmofl_client_shares_amplitude_then_keeps_it_fixed():
     overrides = {**TINY, "method.names": "harmofl"}
     arrays = ArrayRecord(
-        model_from_config(resolve_config(overrides=overrides)).state_dict()
+        model_from_settings(resolve_settings(overrides=overrides)).state_dict()
     )
     app = make_client_app(**overrides)
     first = app(_train_message(arrays, server_round=1), _site_context())
@@ -345,7 +345,7 @@ def test_dropouts_fail_a_fixed_fraction_each_round():
     assert failing_sites(0.0, 8, seed=3, server_round=1) == set()
     with pytest.raises(ValueError, match=r"sim.dropout must be in \[0, 1\)"):
         failing_sites(1.0, 4, 0, 1)
-    config = resolve_config(overrides={"sim.dropout": 0.5, "seed": 3})
+    config = resolve_settings(overrides={"sim.dropout": 0.5, "seed": 3})
     failed = [dropped_out(config, _site_context(k, 4), 1) for k in range(4)]
     assert sum(failed) == 2
     deployed = Context(1, 1, {"data-dir": "/site"}, RecordDict(), {})

@@ -6,7 +6,7 @@ from flwr.common.config import flatten_dict
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import FedAvg
 
-from flower_medimg.config import DEFAULTS, resolve_config, section
+from flower_medimg.core.settings import DEFAULTS, Settings, resolve_settings
 from flower_medimg.strategies.registry import (
     STRATEGIES,
     build_strategy,
@@ -23,18 +23,20 @@ def test_pyproject_run_config_equals_code_defaults():
 
 
 def test_resolve_precedence_and_unknown_key():
-    config = resolve_config({"seed": 3, "model.name": "UNet"}, {"seed": 4})
+    config = resolve_settings({"seed": 3, "model.name": "UNet"}, {"seed": 4})
     assert config["seed"] == 4
     assert config["model.name"] == "unet"
     assert config["strategy.name"] == "fedavg"
     with pytest.raises(KeyError, match="Unknown run-config key 'model.nmae'"):
-        resolve_config({"model.nmae": "unet"})
+        resolve_settings({"model.nmae": "unet"})
     # strategy parameters are open: checked against the strategy later
-    assert resolve_config({"strategy.proximal-mu": 0.1})["strategy.proximal-mu"] == 0.1
+    assert (
+        resolve_settings({"strategy.proximal-mu": 0.1})["strategy.proximal-mu"] == 0.1
+    )
 
 
 def test_section_strips_prefix():
-    assert section({"a.b": 1, "a.c": 2, "b.a": 3}, "a") == {"b": 1, "c": 2}
+    assert Settings({"a.b": 1, "a.c": 2, "b.a": 3}).section("a") == {"b": 1, "c": 2}
 
 
 FLOWER_NAMES = [

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from flower_medimg.core.settings import resolve_settings
 from flower_medimg.data import (
-    DATA_DEFAULTS,
+    SYNTHETIC_KEYS,
     central_test_dataset,
     clear_data_cache,
     site_datasets,
@@ -29,8 +30,13 @@ def _fresh_cache():
     clear_data_cache()
 
 
+def _settings(task="segmentation", run_config=RUN_CONFIG):
+    model = "unet" if task == "segmentation" else "resnet10"
+    return resolve_settings({**run_config, "task": task, "model.name": model})
+
+
 def test_settings_from_run_config():
-    defaults = synthetic_settings({})
+    defaults = synthetic_settings(resolve_settings())
     assert defaults == {
         "seed": 0,
         "spatial_dims": 2,
@@ -42,7 +48,7 @@ def test_settings_from_run_config():
         "label_skew": 0.0,
         "num_classes": 2,
     }
-    assert set(DATA_DEFAULTS) == {
+    assert set(SYNTHETIC_KEYS) == {
         "seed",
         "model.spatial-dims",
         "data.image-size",
@@ -53,17 +59,19 @@ def test_settings_from_run_config():
         "data.label-skew",
         "data.num-classes",
     }
-    settings = synthetic_settings({"model.spatial-dims": 3, "data.label-skew": 1})
+    settings = synthetic_settings(
+        resolve_settings({"model.spatial-dims": 3, "data.label-skew": 1})
+    )
     assert settings["spatial_dims"] == 3 and settings["label_skew"] == 1.0
     with pytest.raises(ValueError, match="data.image-size"):
-        synthetic_settings({"data.image-size": "big"})
+        resolve_settings({"data.image-size": "big"})
 
 
 @pytest.mark.parametrize("task", ["segmentation", "classification"])
 def test_partition_path_matches_synthetic_site(task):
     node_config = {"partition-id": 1, "num-partitions": 3}
-    train, val = site_datasets(task, node_config, RUN_CONFIG)
-    site = synthetic_site(task, 1, 3, **synthetic_settings(RUN_CONFIG))
+    train, val = site_datasets(_settings(task, RUN_CONFIG), node_config)
+    site = synthetic_site(task, 1, 3, **synthetic_settings(_settings()))
     assert len(train) == len(site["training"]) and len(val) == len(site["validation"])
     item = train[0]
     assert type(item["image"]) is torch.Tensor  # plain tensors, not MetaTensor
@@ -83,37 +91,44 @@ def test_partition_path_matches_synthetic_site(task):
 
 def test_partition_path_is_cached_per_arguments():
     node_config = {"partition-id": 0, "num-partitions": 2}
-    first = site_datasets("segmentation", node_config, RUN_CONFIG)
-    assert site_datasets("segmentation", dict(node_config), dict(RUN_CONFIG)) is first
+    first = site_datasets(_settings("segmentation", RUN_CONFIG), node_config)
+    assert (
+        site_datasets(_settings("segmentation", dict(RUN_CONFIG)), dict(node_config))
+        is first
+    )
     other = site_datasets(
-        "segmentation", {"partition-id": 1, "num-partitions": 2}, RUN_CONFIG
+        _settings("segmentation", RUN_CONFIG), {"partition-id": 1, "num-partitions": 2}
     )
     assert other is not first
-    changed = site_datasets("segmentation", node_config, {**RUN_CONFIG, "seed": 4})
+    changed = site_datasets(
+        _settings("segmentation", {**RUN_CONFIG, "seed": 4}), node_config
+    )
     assert changed is not first
     clear_data_cache()
-    again = site_datasets("segmentation", node_config, RUN_CONFIG)
+    again = site_datasets(_settings("segmentation", RUN_CONFIG), node_config)
     assert again is not first
     np.testing.assert_array_equal(again[0][0]["image"], first[0][0]["image"])
 
 
 def test_sites_differ_in_simulation():
     a, _ = site_datasets(
-        "segmentation", {"partition-id": 0, "num-partitions": 2}, RUN_CONFIG
+        _settings("segmentation", RUN_CONFIG), {"partition-id": 0, "num-partitions": 2}
     )
     b, _ = site_datasets(
-        "segmentation", {"partition-id": 1, "num-partitions": 2}, RUN_CONFIG
+        _settings("segmentation", RUN_CONFIG), {"partition-id": 1, "num-partitions": 2}
     )
     assert not torch.equal(a[0]["image"], b[0]["image"])
 
 
 @pytest.mark.parametrize("task", ["segmentation", "classification"])
 def test_data_dir_path_matches_simulation(tmp_path, task):
-    settings = synthetic_settings(RUN_CONFIG)
+    settings = synthetic_settings(_settings())
     folders = write_synthetic_sites(tmp_path, task, 2, **settings)
     assert folders == [tmp_path / "site-0", tmp_path / "site-1"]
-    files = site_datasets(task, {"data-dir": str(folders[1])}, RUN_CONFIG)
-    memory = site_datasets(task, {"partition-id": 1, "num-partitions": 2}, RUN_CONFIG)
+    files = site_datasets(_settings(task, RUN_CONFIG), {"data-dir": str(folders[1])})
+    memory = site_datasets(
+        _settings(task, RUN_CONFIG), {"partition-id": 1, "num-partitions": 2}
+    )
     for from_files, in_memory in zip(files, memory, strict=True):
         assert len(from_files) == len(in_memory)
         for index in range(len(in_memory)):
@@ -125,10 +140,15 @@ def test_data_dir_path_matches_simulation(tmp_path, task):
 
 def test_data_dir_path_rereads_an_edited_datalist(tmp_path):
     folder = write_synthetic_sites(
-        tmp_path, "classification", 1, **synthetic_settings(RUN_CONFIG)
+        tmp_path, "classification", 1, **synthetic_settings(_settings())
     )[0]
-    train, _ = site_datasets("classification", {"data-dir": folder}, RUN_CONFIG)
-    assert site_datasets("classification", {"data-dir": folder}, RUN_CONFIG)[0] is train
+    train, _ = site_datasets(
+        _settings("classification", RUN_CONFIG), {"data-dir": folder}
+    )
+    assert (
+        site_datasets(_settings("classification", RUN_CONFIG), {"data-dir": folder})[0]
+        is train
+    )
     json_path = folder / "dataset.json"
     json_path.write_text(
         json_path.read_text().replace('"training": [', '"training": [\n')
@@ -136,20 +156,20 @@ def test_data_dir_path_rereads_an_edited_datalist(tmp_path):
     stat = json_path.stat()
     os.utime(json_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert (
-        site_datasets("classification", {"data-dir": folder}, RUN_CONFIG)[0]
+        site_datasets(_settings("classification", RUN_CONFIG), {"data-dir": folder})[0]
         is not train
     )
 
 
 def test_data_dir_with_custom_datalist_name(tmp_path):
     folder = write_synthetic_sites(
-        tmp_path, "segmentation", 1, **synthetic_settings(RUN_CONFIG)
+        tmp_path, "segmentation", 1, **synthetic_settings(_settings())
     )[0]
     (folder / "dataset.json").rename(folder / "site.json")
     with pytest.raises(FileNotFoundError, match="dataset.json"):
-        site_datasets("segmentation", {"data-dir": str(folder)}, RUN_CONFIG)
+        site_datasets(_settings("segmentation", RUN_CONFIG), {"data-dir": str(folder)})
     node_config = {"data-dir": str(folder), "datalist": "site.json"}
-    train, val = site_datasets("segmentation", node_config, RUN_CONFIG)
+    train, val = site_datasets(_settings("segmentation", RUN_CONFIG), node_config)
     assert len(train) > 0 and len(val) > 0
 
 
@@ -157,34 +177,43 @@ def test_node_config_without_data_source():
     with pytest.raises(
         ValueError, match="'data-dir'.*'partition-id'.*'num-partitions'"
     ):
-        site_datasets("segmentation", {"state-dir": "/tmp"}, RUN_CONFIG)
+        site_datasets(_settings("segmentation", RUN_CONFIG), {"state-dir": "/tmp"})
     with pytest.raises(ValueError, match="num-partitions"):
-        site_datasets("segmentation", {"partition-id": 0}, RUN_CONFIG)
+        site_datasets(_settings("segmentation", RUN_CONFIG), {"partition-id": 0})
 
 
 def test_3d_simulation():
     run_config = {**RUN_CONFIG, "model.spatial-dims": 3, "data.samples-per-site": 4}
     train, val = site_datasets(
-        "segmentation", {"partition-id": 0, "num-partitions": 1}, run_config
+        _settings("segmentation", run_config), {"partition-id": 0, "num-partitions": 1}
     )
     assert train[0]["image"].shape == train[0]["label"].shape == (1, 16, 16, 16)
 
 
 def test_central_test_dataset_is_all_validation_splits():
-    test_set = central_test_dataset("classification", 3, RUN_CONFIG)
+    test_set = central_test_dataset(
+        _settings("classification", {**RUN_CONFIG, "data.num-sites": 3})
+    )
     sizes = [
         len(
             site_datasets(
-                "classification", {"partition-id": k, "num-partitions": 3}, RUN_CONFIG
+                _settings("classification", RUN_CONFIG),
+                {"partition-id": k, "num-partitions": 3},
             )[1]
         )
         for k in range(3)
     ]
     assert len(test_set) == sum(sizes)
     last_val = site_datasets(
-        "classification", {"partition-id": 2, "num-partitions": 3}, RUN_CONFIG
+        _settings("classification", RUN_CONFIG),
+        {"partition-id": 2, "num-partitions": 3},
     )[1]
     assert torch.equal(
         test_set[len(test_set) - 1]["image"], last_val[len(last_val) - 1]["image"]
     )
-    assert central_test_dataset("classification", 3, RUN_CONFIG) is test_set
+    assert (
+        central_test_dataset(
+            _settings("classification", {**RUN_CONFIG, "data.num-sites": 3})
+        )
+        is test_set
+    )

@@ -33,7 +33,7 @@ from flower_medimg.federation import (
 from flower_medimg.federation.flwr_cli import list_nodes
 from flower_medimg.federation.launcher import start_supernode
 from flower_medimg.federation.processes import is_running, stop_process
-from flower_medimg.outputs import load_global_model
+from flower_medimg.lifecycle.outputs import load_global_model
 
 pytestmark = pytest.mark.slow
 

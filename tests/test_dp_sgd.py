@@ -10,9 +10,9 @@ from opacus.accountants import RDPAccountant
 
 from flower_medimg.client_apps import make_client_app
 from flower_medimg.client_apps.dp_sgd import PrivacyBudgetExceededError
-from flower_medimg.config import resolve_config
+from flower_medimg.core.models import model_from_settings
+from flower_medimg.core.settings import resolve_settings
 from flower_medimg.data import site_datasets
-from flower_medimg.models import model_from_config
 from flower_medimg.server_app import make_server_app
 
 DP = {
@@ -41,8 +41,8 @@ def _site(node_config=None):
 
 
 def test_dp_model_has_no_batchnorm_and_server_client_keys_match():
-    config = resolve_config(overrides=DP)
-    model = model_from_config(config)
+    config = resolve_settings(overrides=DP)
+    model = model_from_settings(config)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
     reply = make_client_app(**DP)(_message(ArrayRecord(model.state_dict()), 1), _site())
@@ -51,8 +51,8 @@ def test_dp_model_has_no_batchnorm_and_server_client_keys_match():
 
 
 def test_epsilon_is_cumulative_over_rounds():
-    config = resolve_config(overrides=DP)
-    arrays = ArrayRecord(model_from_config(config).state_dict())
+    config = resolve_settings(overrides=DP)
+    arrays = ArrayRecord(model_from_settings(config).state_dict())
     app = make_client_app(**DP)
     context = _site()
     epsilons = []
@@ -61,7 +61,7 @@ def test_epsilon_is_cumulative_over_rounds():
         epsilons.append(reply.content["metrics"]["dp-epsilon"])
         arrays = reply.content["arrays"]
 
-    train_ds, _ = site_datasets("segmentation", context.node_config, config)
+    train_ds, _ = site_datasets(config, context.node_config)
     lots = -(-len(train_ds) // 4)  # expected lots per epoch: 1 / q
     accountant = RDPAccountant()
     accountant.history = [(1.0, 1 / lots, 3 * lots)]
@@ -73,8 +73,8 @@ def test_epsilon_is_cumulative_over_rounds():
 
 
 def test_site_budget_refuses_the_round_that_would_exceed_it(tmp_path):
-    config = resolve_config(overrides=DP)
-    arrays = ArrayRecord(model_from_config(config).state_dict())
+    config = resolve_settings(overrides=DP)
+    arrays = ArrayRecord(model_from_settings(config).state_dict())
     app = make_client_app(**DP)
     first = app(_message(arrays, 1), _site({"state-dir": str(tmp_path)}))
     spent = first.content["metrics"]["dp-epsilon"]
@@ -102,8 +102,8 @@ def test_site_budget_refuses_the_round_that_would_exceed_it(tmp_path):
 )
 def test_dp_sgd_trains_monai_networks(overrides):
     settings = {**DP, **overrides}
-    config = resolve_config(overrides=settings)
-    model = model_from_config(config)
+    config = resolve_settings(overrides=settings)
+    model = model_from_settings(config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     reply = make_client_app(**settings)(
         _message(ArrayRecord(model.state_dict()), 1), _site()

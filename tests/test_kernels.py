@@ -6,7 +6,12 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from scipy.spatial.distance import cdist
 
+from flower_medimg.strategies import _wire as W  # noqa: N812
 from flower_medimg.strategies import kernels as K  # noqa: N812
+from flower_medimg.strategies.dos import copod_scores, softmin_weights
+from flower_medimg.strategies.fedcostwavg import fedcostwavg_weights
+from flower_medimg.strategies.fedfocus import fedfocus_weights
+from flower_medimg.strategies.fednova import fednova_coefficients
 
 ATOL = 1e-6
 
@@ -32,27 +37,27 @@ def _model(seed, scale=1.0):
 def test_read_array_is_an_in_place_view_equal_to_numpy():
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     array = Array(x)
-    view = K.read_array(array)
+    view = W.read_array(array)
     np.testing.assert_array_equal(view, x.ravel())
     assert not view.flags.writeable  # no copy: a view of the reply's bytes
 
 
 def test_read_array_fortran_order_and_bad_payload():
     x = np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4))
-    np.testing.assert_array_equal(K.read_array(Array(x)), x.ravel(order="C"))
+    np.testing.assert_array_equal(W.read_array(Array(x)), x.ravel(order="C"))
     broken = Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"xx")
     with pytest.raises(ValueError, match="npy"):
-        K.read_array(broken)
+        W.read_array(broken)
     truncated = Array(np.zeros(4, np.float32))
     truncated.data = truncated.data[:-4]
     with pytest.raises(ValueError, match="bytes"):
-        K.read_array(truncated)
+        W.read_array(truncated)
 
 
 def test_layout_blocks_and_round_trip():
     arrays = _model(0)
     record = _record(arrays)
-    layout = K.Layout.from_arrayrecord(record, small_tensor_size=1000)
+    layout = W.Layout.from_arrayrecord(record, small_tensor_size=1000)
     # conv.weight is large: its own block; the rest packed per dtype
     assert layout.blocks[0].keys == ("conv.weight",) and not layout.blocks[0].packed
     assert {b.dtype for b in layout.blocks} == {
@@ -60,8 +65,8 @@ def test_layout_blocks_and_round_trip():
         np.dtype(np.int64),
         np.dtype(np.float64),
     }
-    columns = K.read_blocks(record, layout)
-    rebuilt = K.build_arrayrecord(layout, columns)
+    columns = W.read_blocks(record, layout)
+    rebuilt = W.build_arrayrecord(layout, columns)
     assert list(rebuilt.keys()) == list(arrays)
     for key, value in arrays.items():
         got = rebuilt[key].numpy()
@@ -71,32 +76,32 @@ def test_layout_blocks_and_round_trip():
 
 
 def test_read_blocks_names_the_offending_key():
-    layout = K.Layout.from_arrayrecord(_record(_model(0)))
+    layout = W.Layout.from_arrayrecord(_record(_model(0)))
     bad = _model(1)
     bad["conv.bias"] = bad["conv.bias"][:5]
     with pytest.raises(ValueError, match="conv.bias"):
-        K.read_blocks(_record(bad), layout)
+        W.read_blocks(_record(bad), layout)
     extra = {**_model(1), "new": np.zeros(2)}
     with pytest.raises(ValueError, match="new"):
-        K.read_blocks(_record(extra), layout)
+        W.read_blocks(_record(extra), layout)
     # metadata that lies about the payload
     lying = _record(_model(1))
     lying["conv.bias"].dtype = "float32"
     lying["conv.bias"].data = Array(np.zeros(32, np.float64)).data
     with pytest.raises(ValueError, match="conv.bias"):
-        K.read_blocks(lying, layout)
+        W.read_blocks(lying, layout)
 
 
 # --- aggregation kernels ----------------------------------------------------------
 
 
 def _columns(models, small=1000):
-    layout = K.Layout.from_arrayrecord(_record(models[0]), small_tensor_size=small)
-    return layout, [K.read_blocks(_record(m), layout) for m in models]
+    layout = W.Layout.from_arrayrecord(_record(models[0]), small_tensor_size=small)
+    return layout, [W.read_blocks(_record(m), layout) for m in models]
 
 
 def _unpack(layout, values):
-    record = K.build_arrayrecord(layout, values)
+    record = W.build_arrayrecord(layout, values)
     return {k: record[k].numpy() for k in record}
 
 
@@ -185,12 +190,12 @@ U = np.array([[1.0, 0.0, 0.5], [0.9, 0.1, 0.4], [1.1, -0.1, 0.6], [-3.0, 2.0, -2
 
 def test_copod_worked_example():
     np.testing.assert_allclose(
-        K.copod_scores(cdist(U, U, "cosine")),
+        copod_scores(cdist(U, U, "cosine")),
         [2.164391, 2.772589, 2.569856, 5.545177],
         atol=ATOL,
     )
     np.testing.assert_allclose(
-        K.copod_scores(cdist(U, U)),
+        copod_scores(cdist(U, U)),
         [2.164391, 2.569856, 2.772589, 5.545177],
         atol=ATOL,
     )
@@ -199,9 +204,9 @@ def test_copod_worked_example():
 def test_dos_worked_example_through_pairwise_distances():
     cols = [[u] for u in U]
     euc, cos, _ = K.pairwise_distances(cols)
-    a = K.copod_scores(cos) + K.copod_scores(euc)
+    a = copod_scores(cos) + copod_scores(euc)
     np.testing.assert_allclose(a, [4.328782, 5.342445, 5.342445, 11.090355], atol=ATOL)
-    p = K.softmin_weights(a)
+    p = softmin_weights(a)
     np.testing.assert_allclose(p, [0.579062, 0.210134, 0.210134, 0.000670], atol=ATOL)
     (agg,) = K.weighted_sum(cols, p)
     np.testing.assert_allclose(agg, [0.997319, 0.001340, 0.498324], atol=ATOL)
@@ -210,17 +215,17 @@ def test_dos_worked_example_through_pairwise_distances():
 def test_copod_degenerate_cases_give_equal_or_nan_scores():
     two = U[[0, 3]]
     for d in (cdist(two, two), cdist(two, two, "cosine")):
-        s = K.copod_scores(d)
+        s = copod_scores(d)
         assert s[0] == pytest.approx(s[1])
     same = np.zeros((4, 4))  # identical updates: constant columns
-    assert np.all(np.isnan(K.copod_scores(same)))
+    assert np.all(np.isnan(copod_scores(same)))
 
 
 # --- method weights -------------------------------------------------------------------
 
 
 def test_fedcostwavg_worked_example():
-    p = K.fedcostwavg_weights([10, 30, 60], [1.0, 0.8, 0.5], [0.5, 0.4, 0.4], 0.5)
+    p = fedcostwavg_weights([10, 30, 60], [1.0, 0.8, 0.5], [0.5, 0.4, 0.4], 0.5)
     np.testing.assert_allclose(p, [0.240476, 0.340476, 0.419048], atol=ATOL)
     assert p.sum() == pytest.approx(1.0)
     theta = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
@@ -230,54 +235,54 @@ def test_fedcostwavg_worked_example():
 def test_fedcostwavg_edge_cases():
     # alpha = 1 is FedAvg; a zero "after" loss is floored; unusable ratios -> n/N
     np.testing.assert_allclose(
-        K.fedcostwavg_weights([1, 3], [1, 1], [1, 1], 1.0), [0.25, 0.75]
+        fedcostwavg_weights([1, 3], [1, 1], [1, 1], 1.0), [0.25, 0.75]
     )
-    p = K.fedcostwavg_weights([1, 1], [1.0, 1.0], [0.0, 1.0], 0.5)
+    p = fedcostwavg_weights([1, 1], [1.0, 1.0], [0.0, 1.0], 0.5)
     assert np.all(np.isfinite(p)) and p[0] > p[1]
     np.testing.assert_allclose(
-        K.fedcostwavg_weights([1, 3], [0.0, 0.0], [1, 1], 0.5), [0.25, 0.75]
+        fedcostwavg_weights([1, 3], [0.0, 0.0], [1, 1], 0.5), [0.25, 0.75]
     )
-    np.testing.assert_allclose(K.fedcostwavg_weights([5], [2.0], [1.0]), [1.0])
+    np.testing.assert_allclose(fedcostwavg_weights([5], [2.0], [1.0]), [1.0])
     with pytest.raises(ValueError):
-        K.fedcostwavg_weights([1], [1], [1], alpha=1.5)
+        fedcostwavg_weights([1], [1], [1], alpha=1.5)
 
 
 def test_fedfocus_worked_example_rounds_1_and_5():
     n, loss = [50, 30, 20], [0.9, 0.3, 0.6]
     theta = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    p1 = K.fedfocus_weights(n, loss, 1)
+    p1 = fedfocus_weights(n, loss, 1)
     np.testing.assert_allclose(p1, [0.5, 0.233333, 0.266667], atol=ATOL)
     np.testing.assert_allclose(p1 @ theta, [0.766667, 0.5], atol=ATOL)
-    p5 = K.fedfocus_weights(n, loss, 5)
+    p5 = fedfocus_weights(n, loss, 5)
     np.testing.assert_allclose(p5, [0.5, 0.272693, 0.227307], atol=ATOL)
     np.testing.assert_allclose(p5 @ theta, [0.727307, 0.5], atol=ATOL)
 
 
 def test_fedmix_preset_worked_example_and_edge_cases():
-    p = K.fedfocus_weights(
+    p = fedfocus_weights(
         [100, 100, 200], [0.5, 0.2, 0.1], 1, beta=1.5, lambda0=10, gamma=1,
         mode="additive",
     )  # fmt: skip
     np.testing.assert_allclose(p, [0.699928, 0.194047, 0.106025], atol=ATOL)
     # all losses zero -> s = q; one client -> 1; negative loss -> error
-    np.testing.assert_allclose(K.fedfocus_weights([1, 3], [0, 0], 1), [0.25, 0.75])
-    np.testing.assert_allclose(K.fedfocus_weights([7], [0.3], 2), [1.0])
+    np.testing.assert_allclose(fedfocus_weights([1, 3], [0, 0], 1), [0.25, 0.75])
+    np.testing.assert_allclose(fedfocus_weights([7], [0.3], 2), [1.0])
     with pytest.raises(ValueError):
-        K.fedfocus_weights([1, 1], [-0.1, 0.2], 1)
-    low = K.fedfocus_weights([1, 1], [0.1, 0.9], 1, direction=-1)
+        fedfocus_weights([1, 1], [-0.1, 0.2], 1)
+    low = fedfocus_weights([1, 1], [0.1, 0.9], 1, direction=-1)
     assert low[0] > low[1]
 
 
 def test_fednova_worked_example():
-    c, p, tau_eff = K.fednova_coefficients([1, 1], [1.0, 4.0], [1, 4])
+    c, p, tau_eff = fednova_coefficients([1, 1], [1.0, 4.0], [1, 4])
     assert tau_eff == pytest.approx(2.5)
     d = np.array([[1.0, 0.0], [0.0, 4.0]])
     np.testing.assert_allclose(c @ d, [1.25, 1.25], atol=ATOL)  # FedAvg: [0.5, 2]
     np.testing.assert_allclose(p @ d, [0.5, 2.0])
-    c1, _, _ = K.fednova_coefficients([3], [9.049], [4])
+    c1, _, _ = fednova_coefficients([3], [9.049], [4])
     np.testing.assert_allclose(c1, [1.0])  # one client: the update itself
     with pytest.raises(ValueError):
-        K.fednova_coefficients([1], [0.0], [0])
+        fednova_coefficients([1], [0.0], [0])
 
 
 def test_fallback_weights_policy():
@@ -295,18 +300,18 @@ def test_fallback_weights_policy():
 def test_read_blocks_accepts_memoryview_payloads():
     models = _model(0)
     record = _record(models)
-    layout = K.Layout.from_arrayrecord(record, small_tensor_size=1000)
+    layout = W.Layout.from_arrayrecord(record, small_tensor_size=1000)
     viewed = _record(models)
     for key in models:
         viewed[key].data = memoryview(record[key].data)
     for got, want in zip(
-        K.read_blocks(viewed, layout), K.read_blocks(record, layout), strict=True
+        W.read_blocks(viewed, layout), W.read_blocks(record, layout), strict=True
     ):
         np.testing.assert_array_equal(got, want)
     # a memoryview payload that needs the full check (header of another shape)
     viewed["conv.bias"].data = memoryview(Array(np.zeros(5, np.float32)).data)
     with pytest.raises(ValueError, match="conv.bias"):
-        K.read_blocks(viewed, layout)
+        W.read_blocks(viewed, layout)
 
 
 def test_weighted_sum_of_a_tensor_larger_than_one_chunk():

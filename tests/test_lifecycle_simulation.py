@@ -12,10 +12,10 @@ from flwr.simulation import run_simulation
 from tiny_config import TINY
 
 from flower_medimg.client_apps import make_client_app
-from flower_medimg.config import resolve_config
+from flower_medimg.core.settings import resolve_settings
 from flower_medimg.lifecycle import ModelRegistry, load_exported, verify_audit_log
+from flower_medimg.lifecycle.outputs import load_global_model
 from flower_medimg.lifecycle.registry import weights_sha256
-from flower_medimg.outputs import load_global_model
 from flower_medimg.server_app import make_server_app, run_experiment
 
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
@@ -155,7 +155,7 @@ def _crashing_server_app(config, crash_round):
     @app.main()
     def main(grid, context):
         run_experiment(
-            CrashingGrid(grid, crash_round), context, resolve_config(overrides=config)
+            CrashingGrid(grid, crash_round), context, resolve_settings(overrides=config)
         )
 
     return app

@@ -10,7 +10,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp.strategy import FedAdam
 
-from flower_medimg.config import resolve_config
+from flower_medimg.client_apps.statistics import statistics_reply, summarise_site
+from flower_medimg.core.models import model_from_settings
+from flower_medimg.core.settings import resolve_settings
 from flower_medimg.lifecycle import (
     AuditLog,
     BestModel,
@@ -25,14 +27,11 @@ from flower_medimg.lifecycle.statistics import (
     SiteStatistics,
     js_distance,
     pool_statistics,
-    statistics_reply,
-    summarise_site,
 )
 from flower_medimg.lifecycle.strategy_state import (
     capture_strategy_state,
     restore_strategy_state,
 )
-from flower_medimg.models import model_from_config
 from flower_medimg.strategies import QualityGate
 from tests.reply_messages import train_reply
 
@@ -184,7 +183,7 @@ def test_summarise_site_and_pool_flag_the_shifted_site():
 
 
 def test_statistics_reply_declines_and_carries_no_pixels():
-    config = resolve_config(overrides=TINY)
+    config = resolve_settings(overrides=TINY)
     query = Message(
         RecordDict(
             {"config": ConfigRecord({"bins": 16, "range-min": 0.0, "range-max": 1.0})}
@@ -265,7 +264,7 @@ def test_fedadam_moments_survive_capture_and_restore():
 
 
 def test_registry_versions_keep_policy_export_and_sha(tmp_path):
-    config = resolve_config(overrides=TINY)
+    config = resolve_settings(overrides=TINY)
     registry = ModelRegistry(tmp_path / "reg")
     run = registry.start_run(
         flower_run_id=7,
@@ -274,7 +273,7 @@ def test_registry_versions_keep_policy_export_and_sha(tmp_path):
         strategy="fedavg",
         config=config,
     )
-    models = [model_from_config(config) for _ in range(3)]
+    models = [model_from_settings(config) for _ in range(3)]
     with torch.no_grad():  # three different versions
         for shift, model in enumerate(models):
             for param in model.parameters():

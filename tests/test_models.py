@@ -1,12 +1,14 @@
 import pytest
 import torch
 
-from flower_medimg.models import (
+from flower_medimg.core.models import (
     CLASSIFICATION_MODELS,
     SEGMENTATION_MODELS,
     build_model,
+    model_from_settings,
     parse_channels,
 )
+from flower_medimg.core.settings import resolve_settings
 
 SMALL_SEG_CHANNELS = {"unet": "4,8,16", "basic-unet": "4,4,8,8,16", "segresnet": "4"}
 
@@ -57,15 +59,26 @@ def test_norm_choice_changes_layers(norm, module_type):
 
 
 def test_same_seed_same_weights():
-    torch.manual_seed(3)
-    a = build_model("segmentation", "unet", channels="4,8")
-    torch.manual_seed(3)
-    b = build_model("segmentation", "unet", channels="4,8")
+    # model_from_settings seeds the network itself: the global torch RNG differs
+    settings = resolve_settings({"model.channels": "4,8", "seed": 3})
+    torch.manual_seed(1)
+    a = model_from_settings(settings)
+    torch.manual_seed(2)
+    b = model_from_settings(settings)
     for (ka, va), (kb, vb) in zip(
         a.state_dict().items(), b.state_dict().items(), strict=True
     ):
         assert ka == kb
         assert torch.equal(va, vb)
+    # and the seed is what decides: another seed gives other weights
+    other = model_from_settings(resolve_settings({"model.channels": "4,8", "seed": 4}))
+    assert any(
+        not torch.equal(va, vo)
+        for va, vo in zip(
+            a.state_dict().values(), other.state_dict().values(), strict=True
+        )
+        if va.is_floating_point()
+    )
 
 
 @pytest.mark.parametrize(

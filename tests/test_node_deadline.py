@@ -4,7 +4,7 @@ import pytest
 from flwr.app import Error, Message, RecordDict
 from reply_messages import reply_metadata
 
-from flower_medimg.node_deadline import NodeDeadlineGrid, TooFewNodesError
+from flower_medimg.lifecycle.node_deadline import NodeDeadlineGrid, TooFewNodesError
 
 
 class ListGrid:

@@ -2,7 +2,7 @@
 
 from flwr.app import MetricRecord, RecordDict
 
-from flower_medimg.outputs import RoundRecorder
+from flower_medimg.lifecycle.outputs import RoundRecorder
 
 KEYS = ("num-examples", "dice", "partition-id")
 

@@ -9,8 +9,8 @@ from flwr.simulation import run_simulation
 
 from flower_medimg.client_apps import make_client_app
 from flower_medimg.client_apps.site_mods import site_mods
-from flower_medimg.config import resolve_config
-from flower_medimg.models import model_from_config
+from flower_medimg.core.models import model_from_settings
+from flower_medimg.core.settings import resolve_settings
 from flower_medimg.privacy import PercentilePrivacyMod, SVTPrivacyMod
 from flower_medimg.server_app import make_server_app
 
@@ -25,24 +25,26 @@ TINY = {
 
 
 def test_site_mods_from_config():
-    assert site_mods(resolve_config()) == []
+    assert site_mods(resolve_settings()) == []
     percentile = site_mods(
-        resolve_config(overrides={"privacy.filter": "percentile", "privacy.share": 0.1})
+        resolve_settings(
+            overrides={"privacy.filter": "percentile", "privacy.share": 0.1}
+        )
     )
     assert len(percentile) == 1 and isinstance(percentile[0], PercentilePrivacyMod)
     both = site_mods(
-        resolve_config(overrides={"privacy.filter": "svt", "dp.user-level": "client"})
+        resolve_settings(overrides={"privacy.filter": "svt", "dp.user-level": "client"})
     )
     assert both[0].__name__ == "safe_fixedclipping_mod"  # outermost: clips last
     assert isinstance(both[1], SVTPrivacyMod)
     with pytest.raises(ValueError, match="valid filters: none, percentile, svt"):
-        site_mods(resolve_config(overrides={"privacy.filter": "topk"}))
+        site_mods(resolve_settings(overrides={"privacy.filter": "topk"}))
 
 
 def test_svt_odometer_survives_a_restart(tmp_path):
     overrides = {**TINY, "privacy.filter": "svt", "privacy.share": 0.2}
-    config = resolve_config(overrides=overrides)
-    model = model_from_config(config)
+    config = resolve_settings(overrides=overrides)
+    model = model_from_settings(config)
     arrays = ArrayRecord(model.state_dict())
     filtered = sum(v.numel() for v in model.state_dict().values() if v.ndim > 0)
     released = math.ceil(0.2 * filtered)  # SVT releases c = ceil(share * n) values
@@ -85,7 +87,7 @@ def test_percentile_sharing_with_user_level_dp_in_simulation(tmp_path):
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     epsilons = [r["train"]["user-epsilon"] for r in rounds]
     assert 0 < epsilons[0] < epsilons[1]
-    model = model_from_config(resolve_config(overrides=config))
+    model = model_from_settings(resolve_settings(overrides=config))
     filtered = sum(v.numel() for v in model.state_dict().values() if v.ndim > 0)
     for entry in rounds:
         for site in entry["clients-train"]:
@@ -97,8 +99,8 @@ def test_user_level_dp_refuses_num_examples_weighting(tmp_path):
     from flower_medimg.server_app import _with_user_level_dp
     from flower_medimg.strategies.registry import build_strategy
 
-    config = resolve_config(
+    config = resolve_settings(
         overrides={"dp.user-level": "server", "dp.user-num-sampled": 3}
     )
     with pytest.raises(ValueError, match="allow_data_dependent_weights"):
-        _with_user_level_dp(build_strategy("fedavg"), config, {}, grid=None)
+        _with_user_level_dp(build_strategy("fedavg"), config, grid=None)

@@ -11,10 +11,10 @@ from flwr.simulation import run_simulation
 
 from flower_medimg.client_apps import make_client_app
 from flower_medimg.client_apps.app import _private_state_name
-from flower_medimg.client_apps.private_params import private_keys, split_state
 from flower_medimg.client_apps.site_state import SiteState
-from flower_medimg.config import resolve_config
-from flower_medimg.models import build_model, model_from_config
+from flower_medimg.core.models import build_model, model_from_settings
+from flower_medimg.core.private_params import private_keys, split_state
+from flower_medimg.core.settings import resolve_settings
 from flower_medimg.server_app import make_server_app
 from flower_medimg.strategies.registry import STRATEGIES
 
@@ -124,8 +124,8 @@ def _train_message(arrays, server_round):
 
 
 def test_client_restart_restores_head_and_sends_shared_keys_only(tmp_path):
-    config = resolve_config(overrides=TINY_CLS)
-    model = model_from_config(config)
+    config = resolve_settings(overrides=TINY_CLS)
+    model = model_from_settings(config)
     head = private_keys(model, "head")
     shared, initial_head = split_state(model.state_dict(), head)
     app = make_client_app(**TINY_CLS)
@@ -147,8 +147,8 @@ def test_client_restart_restores_head_and_sends_shared_keys_only(tmp_path):
 
 
 def test_wrong_shared_key_set_is_a_clear_error():
-    config = resolve_config(overrides=TINY_CLS)
-    full = ArrayRecord(model_from_config(config).state_dict())  # head included
+    config = resolve_settings(overrides=TINY_CLS)
+    full = ArrayRecord(model_from_settings(config).state_dict())  # head included
     app = make_client_app(**TINY_CLS)
     context = Context(1, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), {})
     with pytest.raises(ValueError, match=r"unexpected \['fc.bias', 'fc.weight'\]"):
@@ -206,7 +206,7 @@ def test_flop_simulation_server_never_sees_heads(tmp_path, monkeypatch):
         num_supernodes=3,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
-    model = model_from_config(resolve_config(overrides=config))
+    model = model_from_settings(resolve_settings(overrides=config))
     head = private_keys(model, "head")
     assert RecordingFedAvg.seen_keys  # the probe saw the traffic
     assert not RecordingFedAvg.seen_keys & set(head)

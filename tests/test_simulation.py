@@ -14,9 +14,9 @@ from flwr.simulation import run_simulation
 from tiny_config import TINY as TINY_SEGMENTATION
 
 from flower_medimg.client_apps import make_client_app
-from flower_medimg.config import resolve_config
-from flower_medimg.models import model_from_config
-from flower_medimg.outputs import load_global_model
+from flower_medimg.core.models import model_from_settings
+from flower_medimg.core.settings import resolve_settings
+from flower_medimg.lifecycle.outputs import load_global_model
 from flower_medimg.server_app import make_server_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ TINY = {
 
 @pytest.mark.slow
 def test_ray_simulation_three_sites_two_rounds(tmp_path):
-    config = {**TINY, "output-dir": str(tmp_path)}
+    config = {**TINY, "output-dir": str(tmp_path), "train.report-losses": True}
     run_simulation(
         server_app=make_server_app(**config),
         client_app=make_client_app(**config),
@@ -55,7 +55,7 @@ def test_ray_simulation_three_sites_two_rounds(tmp_path):
     # the global model changed and loads straight into the MONAI network
     model = load_global_model(run_dir)
     torch.manual_seed(0)
-    initial = model_from_config(resolve_config(overrides=config)).state_dict()
+    initial = model_from_settings(resolve_settings(overrides=config)).state_dict()
     final = model.state_dict()
     assert initial.keys() == final.keys()
     assert any(not torch.equal(initial[k], final[k]) for k in initial)
@@ -118,7 +118,11 @@ def test_flwr_run_cli(tmp_path):
     assert (run_dirs[0] / "global_model.pt").exists()
     summary = json.loads((run_dirs[0] / "metrics.json").read_text())
     assert len(summary["rounds"]) == 2
-    assert load_global_model(run_dirs[0]) is not None
+    model = load_global_model(run_dirs[0])
+    saved = torch.load(run_dirs[0] / "global_model.pt", weights_only=True)
+    loaded = model.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
 
 
 @pytest.mark.slow

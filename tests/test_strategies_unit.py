@@ -1,6 +1,7 @@
 """Strategies of flower_medimg.strategies on hand-built reply Messages."""
 
 import logging
+from unittest.mock import Mock
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from reply_messages import reply_metadata, train_reply
 
@@ -28,6 +29,8 @@ from flower_medimg.strategies import (
     FedNova,
     QualityGate,
 )
+from flower_medimg.strategies.fast_fedavg import MissingMetricError
+from flower_medimg.strategies.registry import build_strategy, strategy_parameters
 
 ATOL = 1e-6
 METRICS = {
@@ -337,9 +340,7 @@ def test_missing_required_metric_drops_the_reply(caplog):
     )
     np.testing.assert_allclose(result["w"].numpy(), [2.0])
     assert metrics_out["gate-rejected"] == 1
-    assert (
-        "node 8: metric keys differ" in caplog.text or "node 8: metric" in caplog.text
-    )
+    assert "node 8: metric 'train-loss-before' is missing" in caplog.text
 
 
 def test_zero_method_weights_fall_back_to_num_examples():
@@ -428,3 +429,105 @@ def test_quality_gate_is_a_drop_in():
         1, ArrayRecord({"w": Array(np.zeros(1))}), ConfigRecord(), FakeGrid(range(4))
     )
     assert len(list(messages)) == 2
+
+
+# --- the drop-in contract ---------------------------------------------------------
+
+
+def _bare_reply(node_id, arrays, metrics):
+    """A reply carrying exactly ``metrics`` (no defaults added)."""
+    return train_reply(node_id, arrays, metrics)
+
+
+def test_quality_gate_forwards_attribute_writes_to_the_wrapped_strategy():
+    inner = FedAdam()
+    gate = QualityGate(inner, max_update_norm=5.0)
+    gate.server_learning_rate = 0.5  # the wrapped FedOpt's parameter
+    assert inner.server_learning_rate == 0.5
+    assert gate.server_learning_rate == 0.5
+    gate.max_update_norm = 3.0  # the gate's own
+    assert gate.max_update_norm == 3.0 and not hasattr(inner, "max_update_norm")
+    assert not isinstance(gate, FedAvg)
+    assert gate.strategy is inner
+
+
+def test_fedcostwavg_with_alpha_one_is_fedavg_without_losses():
+    plain = {"num-examples": 1}
+    replies = [
+        _bare_reply(1, theta(1.0), plain),
+        _bare_reply(2, theta(3.0), {"num-examples": 3}),
+    ]
+    strategy = FedCostWAvg(alpha=1.0)
+    assert strategy.required_metrics == () == strategy.requested_metrics
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), [2.5])  # (1 * 1 + 3 * 3) / 4
+    assert metrics["gate-rejected"] == 0
+
+
+@pytest.mark.parametrize(
+    ("strategy", "missing"),
+    [
+        (FedNova(), "nova-a"),
+        (FedCostWAvg(), "train-loss-before"),
+        (FedFocus(), "train-loss-after"),
+    ],
+)
+def test_every_reply_without_the_needed_metric_stops_with_the_contract(
+    strategy, missing
+):
+    replies = [_bare_reply(n, theta(float(n)), {"num-examples": 1}) for n in (1, 2)]
+    with pytest.raises(MissingMetricError, match=f"'{missing}'.*ClientApp"):
+        strategy.aggregate_train(1, replies)
+    # one reply without it is only dropped
+    replies.append(reply(3, theta(3.0)))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["gate-rejected"] == 2
+
+
+def test_loss_weighted_strategies_ask_the_sites_for_their_losses():
+    for strategy, wanted in (
+        (FedCostWAvg(), ["train-loss-after", "train-loss-before"]),
+        (FedCostWAvg(mode="across-rounds"), ["train-loss-after"]),
+        (FedFocus(), ["train-loss-after"]),
+    ):
+        (message, *_) = _with_global(strategy, theta(0.0))
+        assert list(message.content["config"]["request-metrics"]) == wanted
+    (message, *_) = _with_global(FastFedAvg(), theta(0.0))
+    assert "request-metrics" not in message.content["config"]
+
+
+def test_fast_fedtrimmedavg_takes_flowers_positional_order():
+    args = (1.0, 1.0, 2, 2, 2, "num-examples", "arrays", "config", None, None, 0.25)
+    ours, theirs = FastFedTrimmedAvg(*args), FedTrimmedAvg(*args)
+    assert ours.beta == theirs.beta == 0.25
+    assert isinstance(ours, FedTrimmedAvg) and isinstance(FastFedMedian(), FedMedian)
+    replies = [reply(n, theta(float(n), -float(n))) for n in range(1, 9)]
+    mine, _ = ours.aggregate_train(1, replies)
+    flower, _ = theirs.aggregate_train(1, replies)
+    np.testing.assert_allclose(mine["w"].numpy(), flower["w"].numpy())
+
+
+def test_a_reply_without_a_usable_source_node_is_still_screened(caplog):
+    good = reply(1, theta(1.0))
+    odd = Mock(spec=Message)  # as Flower's own strategy tests build replies
+    odd.has_error.return_value = False
+    odd.content = reply(2, theta(float("nan"))).content
+    arrays, metrics = FastFedAvg().aggregate_train(1, [good, odd])
+    np.testing.assert_allclose(arrays["w"].numpy(), [1.0])
+    assert metrics["gate-rejected"] == 1
+    assert "node -1: arrays contain non-finite values" in caplog.text
+
+
+def test_strategy_parameters_are_collected_across_the_hierarchy():
+    params = strategy_parameters("fedcostwavg")
+    assert params[:3] == ["alpha", "mode", "loss-floor"]
+    for name in (
+        "check-finite",
+        "max-update-norm",
+        "fraction-train",
+        "min-train-nodes",
+    ):
+        assert name in params
+    built = build_strategy("fedcostwavg", {"fraction-train": 0.5, "alpha": 0.25})
+    assert (built.fraction_train, built.alpha) == (0.5, 0.25)
+    assert "beta" in strategy_parameters("fast-fedtrimmedavg")

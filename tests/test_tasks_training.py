@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from flower_medimg.client_apps.tasks import get_task
 from flower_medimg.client_apps.training import (
     make_optimizer,
     mean_loss,
     nova_a,
     train_local,
 )
-from flower_medimg.models import build_model
+from flower_medimg.core.models import build_model
+from flower_medimg.core.tasks import get_task
 
 
 def _seg_batches(num=8, size=32, batch=4, seed=0):

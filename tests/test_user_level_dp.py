@@ -25,20 +25,20 @@ from flwr.simulation import run_simulation
 from opacus.accountants import RDPAccountant
 from reply_messages import error_reply, train_reply
 
-from flower_medimg.privacy import (
-    UserLevelDPClientSideFixedClipping,
-    UserLevelDPServerSideFixedClipping,
-    clip_update,
-    make_user_level_dp,
-    uniform_weighting_problem,
-    user_level_epsilon,
-)
 from flower_medimg.strategies import (
     DistanceOutlierSuppression,
     FastFedAvg,
     FedCostWAvg,
     FedFocus,
     QualityGate,
+)
+from flower_medimg.strategies.accounting import user_level_epsilon
+from flower_medimg.strategies.user_level_dp import (
+    UserLevelDPClientSideFixedClipping,
+    UserLevelDPServerSideFixedClipping,
+    clip_update,
+    make_user_level_dp,
+    uniform_weighting_problem,
 )
 
 ATOL = 1e-6

@@ -8,15 +8,20 @@ Data comes from ``node_config``: in Flower's simulation runtime ``partition-id``
 ``num-partitions`` select a synthetic site; in deployment ``data-dir`` names the
 site's own folder (see :mod:`flower_medimg.data`). ``state-dir`` names the folder
 where the site keeps what must survive a restart (private parameters, the DP-SGD
-accountant) and ``dp-max-epsilon`` its privacy budget.
+accountant), ``dp-max-epsilon`` its privacy budget and ``site-name`` how its log
+lines name it.
 
-Every train reply carries the same metric keys: ``num-examples`` (training
-samples), ``train-loss-before`` (the received model's loss on the local training
-data), ``train-loss-after``, ``local-steps``, ``nova-a`` (FedNova), ``unit-weight``
-(a constant 1, for uniform averaging with ``weighted_by_key="unit-weight"``),
-``train-time-s``, and ``dp-epsilon`` (the site's cumulative ε) when DP-SGD is on.
-Evaluate replies carry ``num-examples``, ``unit-weight``, ``eval-loss``, the task's
-metrics and ``eval-time-s``.
+The reply metrics are those of :mod:`flower_medimg.core.protocol`: every train
+reply carries ``num-examples`` (training samples), ``local-steps``, ``nova-a``
+(FedNova), ``unit-weight`` (a constant 1, for uniform averaging), ``train-time-s``
+and, with DP-SGD, ``dp-epsilon`` (the site's cumulative ε); ``train-loss-before``
+(the received model's loss on the local training data) and ``train-loss-after``
+cost two extra passes over the data and are sent only when the train config asks
+for them (``request-metrics``). Evaluate replies carry ``num-examples``,
+``unit-weight``, ``eval-loss``, the task's metrics and ``eval-time-s``.
+
+Each phase (data, train, evaluate, reply) is logged with the site's name, as
+MONAI's ``MonaiAlgo`` does.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
+from logging import INFO
 from typing import Any
 
 import numpy as np
@@ -32,19 +38,22 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from flwr.common.logger import log
 from monai.data import DataLoader
 
-from flower_medimg.config import resolve_config
+from flower_medimg.core import protocol
+from flower_medimg.core.amp_norm import amp_norms
+from flower_medimg.core.device import device
+from flower_medimg.core.models import model_from_settings
+from flower_medimg.core.private_params import private_keys, split_state
+from flower_medimg.core.settings import Settings, check_values, resolve_settings
+from flower_medimg.core.tasks import get_task
 from flower_medimg.data import site_datasets
-from flower_medimg.lifecycle.statistics import statistics_reply
-from flower_medimg.models import model_from_config
 
-from .attacks import apply_attack, check_attack_kind, flip_labels
-from .dp_sgd import DPSettings, privatize
+from .attacks import apply_attack, flip_labels
 from .dropouts import SimulatedDropoutError, dropped_out
 from .methods import (
     ClientMethods,
-    amp_norms,
     class_counts,
     combine_penalties,
     fedmax_penalty,
@@ -52,35 +61,45 @@ from .methods import (
     proximal_penalty,
     weighted_loss,
 )
-from .private_params import private_keys, split_state
 from .site_mods import SVT_STATE, run_with_mods, site_mods
 from .site_state import SiteState
-from .tasks import get_task
+from .statistics import statistics_reply
 from .training import make_optimizer, mean_loss, nova_a, train_local
 
-__all__ = ["device", "make_client_app", "site_seed"]
+__all__ = ["make_client_app", "site_name", "site_seed"]
 
 
-def device() -> torch.device:
-    """Return the GPU when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def site_name(context: Context) -> str:
+    """Return how log lines name this site.
+
+    ``node_config["site-name"]`` when the site set one, ``site-<k>`` for a
+    simulated partition, else the node id.
+    """
+    node = context.node_config
+    if protocol.NODE_SITE_NAME in node:
+        return str(node[protocol.NODE_SITE_NAME])
+    if protocol.NODE_PARTITION_ID in node:
+        return f"site-{node[protocol.NODE_PARTITION_ID]}"
+    return f"node-{context.node_id}"
 
 
-def site_seed(config: Mapping[str, Any], context: Context, server_round: int) -> int:
+def site_seed(settings: Settings, context: Context, server_round: int) -> int:
     """Return a seed that differs per site and round but repeats across runs."""
-    site = int(context.node_config.get("partition-id", context.node_id % 100_000))
-    return int(config["seed"]) * 1_000_003 + server_round * 1_009 + site
+    site = int(
+        context.node_config.get(protocol.NODE_PARTITION_ID, context.node_id % 100_000)
+    )
+    return settings["seed"] * 1_000_003 + server_round * 1_009 + site
 
 
-def _private_state_name(config: Mapping[str, Any]) -> str:
+def _private_state_name(settings: Settings) -> str:
     """Name of this experiment's private parameters in the site state.
 
     It depends on everything that shapes the network, so another model's private
     values are never loaded into this one.
     """
-    shape = {k: config[k] for k in sorted(config) if k.startswith("model.")}
-    shape.update(task=config["task"], private=config["private-params"])
-    shape["classes"] = config["data.num-classes"]
+    shape = {k: settings[k] for k in sorted(settings) if k.startswith("model.")}
+    shape.update(task=settings["task"], private=settings["private-params"])
+    shape["classes"] = settings["data.num-classes"]
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
     return f"private-params-{digest[:12]}"
 
@@ -88,12 +107,12 @@ def _private_state_name(config: Mapping[str, Any]) -> str:
 class _SiteModel:
     """The site's personalised network: received shared part + own private part."""
 
-    def __init__(self, config: Mapping[str, Any], state: SiteState) -> None:
-        self.config = config
+    def __init__(self, settings: Settings, state: SiteState) -> None:
+        self.settings = settings
         self.state = state
-        self.model = model_from_config(config)
-        self.private = private_keys(self.model, config["private-params"])
-        self.state_name = _private_state_name(config)
+        self.model = model_from_settings(settings)
+        self.private = private_keys(self.model, settings["private-params"])
+        self.state_name = _private_state_name(settings)
 
     def load(self, shared: ArrayRecord) -> None:
         """Load the received shared arrays and this site's stored private values."""
@@ -104,7 +123,7 @@ class _SiteModel:
             extra = sorted(set(received) - expected)[:5]
             raise ValueError(
                 "The received global arrays do not match this site's shared "
-                f"parameters (private-params={self.config['private-params']!r}): "
+                f"parameters (private-params={self.settings['private-params']!r}): "
                 f"missing {missing}, unexpected {extra}"
             )
         own = self.state.load_tensors(self.state_name) if self.private else None
@@ -119,11 +138,12 @@ class _SiteModel:
 
 
 def _loaders(
-    config: Mapping[str, Any], context: Context, seed: int
+    settings: Settings, context: Context, seed: int
 ) -> tuple[DataLoader, DataLoader, DataLoader, int]:
     """Shuffled train loader, ordered train loader, validation loader, train size."""
-    train_ds, val_ds = site_datasets(config["task"], context.node_config, config)
-    batch_size = int(config["train.batch-size"])
+    started = time.perf_counter()
+    train_ds, val_ds = site_datasets(settings, context.node_config)
+    batch_size = settings["train.batch-size"]
     generator = torch.Generator().manual_seed(seed)
     shuffled = DataLoader(
         train_ds,
@@ -135,19 +155,23 @@ def _loaders(
     )
     ordered = DataLoader(train_ds, batch_size=batch_size)
     validation = DataLoader(val_ds, batch_size=batch_size)
+    log(
+        INFO,
+        "%s: data: %d training and %d validation samples (%.2f s)",
+        site_name(context),
+        len(train_ds),
+        len(val_ds),
+        time.perf_counter() - started,
+    )
     return shuffled, ordered, validation, len(train_ds)
 
 
-def _attack(config: Mapping[str, Any], context: Context) -> str | None:
+def _attack(settings: Settings, context: Context) -> str | None:
     """Return the attack this simulated site runs, if ``attack.sites`` names it."""
-    kind = (
-        check_attack_kind(config["attack.kind"])
-        if config["attack.kind"] != "none"
-        else None
-    )
-    sites = {int(s) for s in str(config["attack.sites"]).split(",") if s.strip()}
-    partition = context.node_config.get("partition-id")
-    if kind is None or partition is None or int(partition) not in sites:
+    kind = settings["attack.kind"]
+    sites = {int(s) for s in settings["attack.sites"].split(",") if s}
+    partition = context.node_config.get(protocol.NODE_PARTITION_ID)
+    if kind == "none" or partition is None or int(partition) not in sites:
         return None
     return kind
 
@@ -157,55 +181,71 @@ def _flipped(batches: Iterable[dict], num_classes: int | None) -> Iterator[dict]
         yield {**batch, "label": flip_labels(batch["label"], num_classes)}
 
 
-def _train(msg: Message, context: Context, config: dict[str, Any]) -> Message:
+def _train(msg: Message, context: Context, settings: Settings) -> Message:
     started = time.perf_counter()
-    train_config = msg.content.get("config", {})
-    server_round = int(train_config.get("server-round", 0))
-    if dropped_out(config, context, server_round):
+    name = site_name(context)
+    train_config = msg.content.get(protocol.RECORD_CONFIG, {})
+    server_round = int(train_config.get(protocol.CONFIG_SERVER_ROUND, 0))
+    if dropped_out(settings, context, server_round):
         raise SimulatedDropoutError(f"simulated dropout in round {server_round}")
-    seed = site_seed(config, context, server_round)
+    requested = protocol.requested_metrics(train_config)
+    seed = site_seed(settings, context, server_round)
     torch.manual_seed(seed)
-    task = get_task(config["task"])
+    task = get_task(settings["task"])
     dev = device()
     state = SiteState(context)
-    attack = _attack(config, context)
-    dp = DPSettings.from_config(config)
-    methods = ClientMethods.from_config(config)
+    attack = _attack(settings, context)
+    methods = ClientMethods.from_settings(settings)
     mu = proximal_mu(train_config)
-    if mu > 0 and dp is not None:
+    if mu > 0 and settings.dp_sgd:
         raise ValueError(
             "FedProx (proximal-mu > 0) cannot run with DP-SGD: Opacus replaces the "
             "gradient with the clipped per-sample one, dropping the proximal term"
         )
 
-    site_model = _SiteModel(config, state)
-    site_model.load(msg.content["arrays"])
+    site_model = _SiteModel(settings, state)
+    site_model.load(msg.content[protocol.RECORD_ARRAYS])
     model = site_model.model.to(dev)
     for amp_norm in amp_norms(model):  # HarmoFL: shared amplitude fixed after round 1
-        amp_norm.fixed = bool(train_config.get("fix-amp", server_round > 1))
+        amp_norm.fixed = bool(
+            train_config.get(protocol.CONFIG_FIX_AMP, server_round > 1)
+        )
     penalty = combine_penalties(
         proximal_penalty(model, site_model.private, mu),
         fedmax_penalty(model, methods.fedmax_beta) if methods.fedmax else None,
     )
-    shuffled, ordered, _, num_examples = _loaders(config, context, seed)
+    shuffled, ordered, _, num_examples = _loaders(settings, context, seed)
     loss_fn = task.loss_fn()
-    loss_before = mean_loss(model, ordered, loss_fn, dev)
+    values: dict[str, Any] = {}
+    if protocol.METRIC_TRAIN_LOSS_BEFORE in requested:
+        values[protocol.METRIC_TRAIN_LOSS_BEFORE] = mean_loss(
+            model, ordered, loss_fn, dev
+        )
     train_loss = loss_fn
     if methods.class_weights:
-        counts = _class_counts(config, ordered.dataset)
-        train_loss = weighted_loss(config["task"], counts).to(dev)
+        counts = class_counts(
+            (item["label"] for item in ordered.dataset), settings.num_classes
+        )
+        train_loss = weighted_loss(settings["task"], counts).to(dev)
 
-    momentum = float(config["train.momentum"])
+    momentum = settings["train.momentum"]
     optimizer = make_optimizer(
         model,
-        config["train.optimizer"],
-        lr=float(train_config.get("lr", config["train.lr"])),
+        settings["train.optimizer"],
+        lr=float(train_config.get(protocol.CONFIG_LR, settings["train.lr"])),
         momentum=momentum,
     )
-    epochs = int(train_config.get("local-epochs", config["train.local-epochs"]))
+    epochs = int(
+        train_config.get(protocol.CONFIG_LOCAL_EPOCHS, settings["train.local-epochs"])
+    )
     private_training = None
-    if dp is not None:
-        budget = context.node_config.get("dp-max-epsilon")
+    train_model = model
+    if settings.dp_sgd:
+        from .dp_sgd import DPSettings, privatize  # Opacus only when DP-SGD is on
+
+        dp = DPSettings.from_settings(settings)
+        assert dp is not None
+        budget = context.node_config.get(protocol.NODE_DP_MAX_EPSILON)
         model.train()  # Opacus validates a network in training mode
         private_training = privatize(
             model,
@@ -214,21 +254,18 @@ def _train(msg: Message, context: Context, config: dict[str, Any]) -> Message:
             dp,
             state,
             epochs=epochs,
-            num_rounds=int(config["num-server-rounds"]),
+            num_rounds=settings["num-server-rounds"],
             max_epsilon=float(budget) if budget is not None else None,
         )
         train_model, optimizer = private_training.model, private_training.optimizer
         shuffled = private_training.loader
-    else:
-        train_model = model
     batches: Iterable[dict] = shuffled
     if attack == "label-flip":
         num_classes = (
-            int(config["data.num-classes"])
-            if config["task"] == "classification"
-            else None
+            settings.num_classes if settings["task"] == "classification" else None
         )
         batches = _ReIterable(lambda: _flipped(shuffled, num_classes))
+    trained = time.perf_counter()
     result = train_local(
         train_model,
         batches,
@@ -239,37 +276,48 @@ def _train(msg: Message, context: Context, config: dict[str, Any]) -> Message:
         penalty=penalty,
         perturbation=methods.perturbation,
     )
-    loss_after = mean_loss(model, ordered, loss_fn, dev)
+    log(
+        INFO,
+        "%s: train: round %d, %d local steps, mean loss %.4f (%.2f s)",
+        name,
+        server_round,
+        result.steps,
+        result.mean_loss,
+        time.perf_counter() - trained,
+    )
+    if protocol.METRIC_TRAIN_LOSS_AFTER in requested:
+        values[protocol.METRIC_TRAIN_LOSS_AFTER] = mean_loss(
+            model, ordered, loss_fn, dev
+        )
 
-    sgd_momentum = momentum if config["train.optimizer"] == "sgd" else 0.0
-    values = {
-        "num-examples": num_examples,
-        "train-loss-before": loss_before,
-        "train-loss-after": loss_after,
-        "local-steps": result.steps,
-        "nova-a": nova_a(result.steps, sgd_momentum),
-        "unit-weight": 1,
-    }
+    sgd_momentum = momentum if settings["train.optimizer"] == "sgd" else 0.0
+    values.update(
+        {
+            protocol.METRIC_NUM_EXAMPLES: num_examples,
+            protocol.METRIC_LOCAL_STEPS: result.steps,
+            protocol.METRIC_NOVA_A: nova_a(result.steps, sgd_momentum),
+            protocol.METRIC_UNIT_WEIGHT: 1,
+        }
+    )
     if private_training is not None:
-        values["dp-epsilon"] = private_training.finish(
-            state, dp.delta, empty_lots=result.empty_batches
+        values[protocol.METRIC_DP_EPSILON] = private_training.finish(
+            state, settings["dp.delta"], empty_lots=result.empty_batches
         )
     model.cpu()
     arrays = site_model.shared_and_store_private()
     if attack is not None and attack != "label-flip":
-        arrays = _attacked(attack, msg.content["arrays"], arrays, seed)
-    values["train-time-s"] = time.perf_counter() - started
+        arrays = _attacked(attack, msg.content[protocol.RECORD_ARRAYS], arrays, seed)
+    values[protocol.METRIC_TRAIN_TIME] = time.perf_counter() - started
+    log(INFO, "%s: reply: train metrics %s", name, sorted(values))
     return Message(
-        RecordDict({"arrays": arrays, "metrics": MetricRecord(values)}), reply_to=msg
+        RecordDict(
+            {
+                protocol.RECORD_ARRAYS: arrays,
+                protocol.RECORD_METRICS: MetricRecord(values),
+            }
+        ),
+        reply_to=msg,
     )
-
-
-def _class_counts(config: Mapping[str, Any], dataset) -> np.ndarray:
-    """Local class counts: images per class, or mask voxels per class."""
-    num_classes = (
-        int(config["data.num-classes"]) if config["task"] == "classification" else 2
-    )
-    return class_counts((item["label"] for item in dataset), num_classes)
 
 
 class _ReIterable:
@@ -293,25 +341,33 @@ def _attacked(
     )
 
 
-def _evaluate(msg: Message, context: Context, config: dict[str, Any]) -> Message:
+def _evaluate(msg: Message, context: Context, settings: Settings) -> Message:
     started = time.perf_counter()
-    task = get_task(config["task"])
+    task = get_task(settings["task"])
     dev = device()
-    site_model = _SiteModel(config, SiteState(context))
-    site_model.load(msg.content["arrays"])
-    _, _, validation, _ = _loaders(config, context, seed=0)
+    site_model = _SiteModel(settings, SiteState(context))
+    site_model.load(msg.content[protocol.RECORD_ARRAYS])
+    _, _, validation, _ = _loaders(settings, context, seed=0)
     values = task.evaluate(site_model.model.to(dev), validation, dev)
-    if "partition-id" in context.node_config:  # simulation: which site this is
-        values["partition-id"] = int(context.node_config["partition-id"])
+    partition = context.node_config.get(protocol.NODE_PARTITION_ID)
+    if partition is not None:  # simulation: which site this is
+        values[protocol.METRIC_PARTITION_ID] = int(partition)
     metrics = MetricRecord(
         {
-            "num-examples": len(validation.dataset),
-            "unit-weight": 1,
+            protocol.METRIC_NUM_EXAMPLES: len(validation.dataset),
+            protocol.METRIC_UNIT_WEIGHT: 1,
             **values,
-            "eval-time-s": time.perf_counter() - started,
+            protocol.METRIC_EVAL_TIME: time.perf_counter() - started,
         }
     )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    log(
+        INFO,
+        "%s: evaluate: %s (%.2f s)",
+        site_name(context),
+        ", ".join(f"{k} {v:.4f}" for k, v in values.items()),
+        time.perf_counter() - started,
+    )
+    return Message(RecordDict({protocol.RECORD_METRICS: metrics}), reply_to=msg)
 
 
 def make_client_app(
@@ -336,21 +392,26 @@ def make_client_app(
     ClientApp
         A Message-API ClientApp with ``@app.train``, ``@app.evaluate`` and
         ``@app.query`` (data statistics, see :mod:`flower_medimg.lifecycle`).
+
+    Raises
+    ------
+    SettingsError
+        If ``task`` or an override is not a valid setting.
     """
     if task is not None:
-        get_task(task)  # fail now on an unknown name
         overrides["task"] = task
+    check_values(overrides)  # fail now on a bad override
     app = ClientApp(mods=mods)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         """Train the received global model on this site's training split."""
-        config = resolve_config(context.run_config, overrides)
+        settings = resolve_settings(context.run_config, overrides)
         state = SiteState(context)
         state.restore_metrics(SVT_STATE)
         reply = run_with_mods(
-            site_mods(config),
-            lambda m, c: _train(m, c, config),
+            site_mods(settings),
+            lambda m, c: _train(m, c, settings),
             msg,
             context,
         )
@@ -360,12 +421,12 @@ def make_client_app(
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         """Evaluate the personalised global model on this site's validation split."""
-        return _evaluate(msg, context, resolve_config(context.run_config, overrides))
+        return _evaluate(msg, context, resolve_settings(context.run_config, overrides))
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         """Summarise this site's images and labels (the statistics phase)."""
-        config = resolve_config(context.run_config, overrides)
-        return statistics_reply(msg, context, config)
+        settings = resolve_settings(context.run_config, overrides)
+        return statistics_reply(msg, context, settings)
 
     return app

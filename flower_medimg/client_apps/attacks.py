@@ -1,7 +1,8 @@
 """Simulated misbehaving sites: what a faulty or malicious ClientApp would send.
 
 Pure functions on state dicts of numpy arrays, used to test robust aggregation
-(spec section 1.3-7; attacks as in the DOS reference code github.com/Naiftt/SPAFD):
+(the attacks of Alkhunaizi et al., MICCAI 2022,
+https://doi.org/10.1007/978-3-031-16452-1_64, reference code github.com/Naiftt/SPAFD):
 
 - ``"sign-flip"``: the update scaled by -3, ``theta_g - 3 (theta_k - theta_g)``;
 - ``"gaussian"``: random weights (standard normal, same shapes and dtypes);
@@ -22,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from flower_medimg.core.settings import ATTACK_KINDS
+
 __all__ = [
     "ATTACK_KINDS",
     "ARRAY_ATTACKS",
@@ -30,23 +33,8 @@ __all__ = [
     "flip_labels",
 ]
 
-#: Attacks that replace the arrays a site sends.
-ARRAY_ATTACKS: tuple[str, ...] = (
-    "free-rider",
-    "gaussian",
-    "mismatched-keys",
-    "nan",
-    "sign-flip",
-)
-#: All attack kinds (``"label-flip"`` acts on the training labels).
-ATTACK_KINDS: tuple[str, ...] = (
-    "free-rider",
-    "gaussian",
-    "label-flip",
-    "mismatched-keys",
-    "nan",
-    "sign-flip",
-)
+#: Attacks that replace the arrays a site sends (``"label-flip"`` acts on labels).
+ARRAY_ATTACKS: tuple[str, ...] = tuple(k for k in ATTACK_KINDS if k != "label-flip")
 
 SIGN_FLIP_SCALE = -3.0
 

@@ -15,7 +15,7 @@ any training, the site's reply carries that error, and the server goes on with t
 other sites.
 
 The network is made DP-compatible (BatchNorm replaced by GroupNorm) by
-:func:`flower_medimg.models.model_from_config` on both the server and the sites, so
+:func:`flower_medimg.models.model_from_settings` on both the server and the sites, so
 the state_dict keys match; Opacus's ``_module.`` prefix never reaches the wire
 because the replies are built from the unwrapped network.
 """
@@ -23,24 +23,26 @@ because the replies are built from the unwrapped network.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from monai.networks.blocks.segresnet_block import ResBlock
-from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
+
+from flower_medimg.core.quiet_imports import root_logger_kept
+from flower_medimg.core.settings import Settings
 
 from .site_state import SiteState
+
+with root_logger_kept():
+    from opacus import PrivacyEngine
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier
 
 __all__ = [
     "ACCOUNTANT_STATE",
     "DPSettings",
     "PrivacyBudgetExceededError",
     "privatize",
-    "site_epsilon",
 ]
 
 #: Blocks whose forward adds the residual in place (incompatible with hooks mode).
@@ -92,20 +94,17 @@ class DPSettings:
         return "hooks"
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> DPSettings | None:
-        """Return the settings, or None when DP-SGD is off."""
-        settings = cls(
-            noise_multiplier=float(config["dp.noise-multiplier"]),
-            target_epsilon=float(config["dp.target-epsilon"]),
-            max_grad_norm=float(config["dp.max-grad-norm"]),
-            delta=float(config["dp.delta"]),
-            grad_sample_mode=str(config["dp.grad-sample-mode"]),
-        )
-        if settings.noise_multiplier < 0 or settings.target_epsilon < 0:
-            raise ValueError("dp.noise-multiplier and dp.target-epsilon must be >= 0")
-        if settings.noise_multiplier == 0 and settings.target_epsilon == 0:
+    def from_settings(cls, settings: Settings) -> DPSettings | None:
+        """Return the run's DP-SGD settings, or None when DP-SGD is off."""
+        if not settings.dp_sgd:
             return None
-        return settings
+        return cls(
+            noise_multiplier=settings["dp.noise-multiplier"],
+            target_epsilon=settings["dp.target-epsilon"],
+            max_grad_norm=settings["dp.max-grad-norm"],
+            delta=settings["dp.delta"],
+            grad_sample_mode=settings["dp.grad-sample-mode"],
+        )
 
 
 def _accountant(state: SiteState) -> RDPAccountant:
@@ -113,12 +112,6 @@ def _accountant(state: SiteState) -> RDPAccountant:
     history = state.load_json(ACCOUNTANT_STATE) or []
     accountant.history = [tuple(entry) for entry in history]
     return accountant
-
-
-def site_epsilon(state: SiteState, delta: float) -> float:
-    """Return the site's cumulative ε over all it trained so far (0 if nothing)."""
-    accountant = _accountant(state)
-    return accountant.get_epsilon(delta) if accountant.history else 0.0
 
 
 @dataclass

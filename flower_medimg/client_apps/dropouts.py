@@ -9,11 +9,11 @@ run's seed and the round, so every site agrees on who fails without talking.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import numpy as np
 from flwr.app import Context
+
+from flower_medimg.core import protocol
+from flower_medimg.core.settings import Settings
 
 __all__ = ["SimulatedDropoutError", "dropped_out", "failing_sites"]
 
@@ -45,13 +45,15 @@ def failing_sites(
     return {int(k) for k in order[:count]}
 
 
-def dropped_out(config: Mapping[str, Any], context: Context, server_round: int) -> bool:
+def dropped_out(settings: Settings, context: Context, server_round: int) -> bool:
     """Whether this simulated site fails ``server_round`` (``sim.dropout``)."""
-    fraction = float(config["sim.dropout"])
+    fraction = settings["sim.dropout"]
     node = context.node_config
-    if fraction == 0.0 or "partition-id" not in node or "num-partitions" not in node:
+    partition = node.get(protocol.NODE_PARTITION_ID)
+    num_partitions = node.get(protocol.NODE_NUM_PARTITIONS)
+    if fraction == 0.0 or partition is None or num_partitions is None:
         return False
     failing = failing_sites(
-        fraction, int(node["num-partitions"]), int(config["seed"]), server_round
+        fraction, int(num_partitions), settings["seed"], server_round
     )
-    return int(node["partition-id"]) in failing
+    return int(partition) in failing

@@ -14,54 +14,48 @@ message the way ``ClientApp(mods=...)`` does (the first mod is the outermost).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 from flwr.app import Context, Message
 from flwr.clientapp.typing import Mod
 
+from flower_medimg.core.settings import Settings
 from flower_medimg.privacy import (
     PercentilePrivacyMod,
     SVTPrivacyMod,
     safe_fixedclipping_mod,
 )
 
-__all__ = ["FILTERS", "SVT_STATE", "run_with_mods", "site_mods"]
-
-FILTERS = ("none", "percentile", "svt")
+__all__ = ["SVT_STATE", "run_with_mods", "site_mods"]
 
 #: ``context.state`` entry of the SVT filter's ε odometer.
 SVT_STATE = "svt-privacy"
 
 
-def _optional(value: Any) -> float | None:
+def _optional(value: float) -> float | None:
     """Run-config 0 means "let the filter choose" (a bound scaled to the update)."""
-    return float(value) or None
+    return value or None
 
 
-def site_mods(config: Mapping[str, Any]) -> list[Mod]:
-    """Return the mods the run config asks for, outermost first."""
+def site_mods(settings: Settings) -> list[Mod]:
+    """Return the mods the run's settings ask for, outermost first."""
     mods: list[Mod] = []
-    if config["dp.user-level"] == "client":
+    if settings["dp.user-level"] == "client":
         mods.append(safe_fixedclipping_mod)  # must see the filtered reply last
-    kind = str(config["privacy.filter"]).lower()
-    share = float(config["privacy.share"])
+    kind = settings["privacy.filter"]
+    share = settings["privacy.share"]
     if kind == "percentile":
-        mods.append(PercentilePrivacyMod(share, _optional(config["privacy.gamma"])))
+        mods.append(PercentilePrivacyMod(share, _optional(settings["privacy.gamma"])))
     elif kind == "svt":
         mods.append(
             SVTPrivacyMod(
                 share,
-                float(config["privacy.epsilon"]),
-                _optional(config["privacy.gamma"]),
-                _optional(config["privacy.tau"]),
-                _optional(config["privacy.release-epsilon"]),
+                settings["privacy.epsilon"],
+                _optional(settings["privacy.gamma"]),
+                _optional(settings["privacy.tau"]),
+                _optional(settings["privacy.release-epsilon"]),
                 state_key=SVT_STATE,
             )
-        )
-    elif kind != "none":
-        raise ValueError(
-            f"Unknown privacy.filter {kind!r}; valid filters: {', '.join(FILTERS)}"
         )
     return mods
 

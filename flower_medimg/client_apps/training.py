@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flower_medimg.core.settings import OPTIMIZERS
+
 from .methods.harmofl import perturbed_step
 
 __all__ = [
@@ -17,8 +19,6 @@ __all__ = [
     "nova_a",
     "train_local",
 ]
-
-OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass(frozen=True)

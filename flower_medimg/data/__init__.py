@@ -6,7 +6,7 @@ the SuperNode's ``node_config`` and returns MONAI datasets either way.
 """
 
 from flower_medimg.data.datasets import (
-    DATA_DEFAULTS,
+    SYNTHETIC_KEYS,
     EnsureSpatialDimsd,
     ImageReadError,
     LoadSiteImaged,
@@ -25,7 +25,6 @@ from flower_medimg.data.site_folder import (
     write_synthetic_sites,
 )
 from flower_medimg.data.synthetic import (
-    TASKS,
     ScannerProfile,
     apply_scanner_profile,
     scanner_bias_field,
@@ -37,8 +36,7 @@ from flower_medimg.data.synthetic import (
 
 __all__ = [
     "DATALIST_NAME",
-    "DATA_DEFAULTS",
-    "TASKS",
+    "SYNTHETIC_KEYS",
     "EnsureSpatialDimsd",
     "ImageReadError",
     "LoadSiteImaged",

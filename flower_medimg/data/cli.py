@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from flower_medimg.data.datasets import DATA_DEFAULTS
+from flower_medimg.core.settings import DEFAULTS
+from flower_medimg.core.tasks import TASKS
 from flower_medimg.data.site_folder import IMAGE_FORMATS, write_synthetic_sites
-from flower_medimg.data.synthetic import TASKS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--num-classes", "data.num-classes", int),
     ]
     for flag, key, kind in options:
-        default = DATA_DEFAULTS[key]
+        default = DEFAULTS[key]
         parser.add_argument(
             flag,
             type=kind,

@@ -28,12 +28,14 @@ from monai.transforms import (
     ScaleIntensityd,
 )
 
-from flower_medimg.config import DEFAULTS
+from flower_medimg.core import protocol
+from flower_medimg.core.settings import Settings
+from flower_medimg.core.tasks import TASKS
 from flower_medimg.data.site_folder import DATALIST_NAME, SPLITS, load_datalist
-from flower_medimg.data.synthetic import TASKS, synthetic_site, synthetic_test_set
+from flower_medimg.data.synthetic import synthetic_site, synthetic_test_set
 
 __all__ = [
-    "DATA_DEFAULTS",
+    "SYNTHETIC_KEYS",
     "EnsureSpatialDimsd",
     "ImageReadError",
     "LoadSiteImaged",
@@ -46,33 +48,17 @@ __all__ = [
     "synthetic_settings",
 ]
 
-DATA_DEFAULTS: dict[str, Any] = {
-    key: DEFAULTS[key]
-    for key in (
-        "seed",
-        "model.spatial-dims",
-        "data.image-size",
-        "data.samples-per-site",
-        "data.val-fraction",
-        "data.quantity-skew",
-        "data.scanner-shift",
-        "data.label-skew",
-        "data.num-classes",
-    )
-}
-"""Run-config keys the data layer reads, with their defaults."""
-
-# run-config key -> (synthetic_site keyword, type)
-_SYNTHETIC_KEYS: dict[str, tuple[str, type]] = {
-    "seed": ("seed", int),
-    "model.spatial-dims": ("spatial_dims", int),
-    "data.image-size": ("image_size", int),
-    "data.samples-per-site": ("samples_per_site", int),
-    "data.val-fraction": ("val_fraction", float),
-    "data.quantity-skew": ("quantity_skew", float),
-    "data.scanner-shift": ("scanner_shift", float),
-    "data.label-skew": ("label_skew", float),
-    "data.num-classes": ("num_classes", int),
+#: Run-config key -> keyword of :func:`~flower_medimg.data.synthetic.synthetic_site`.
+SYNTHETIC_KEYS: dict[str, str] = {
+    "seed": "seed",
+    "model.spatial-dims": "spatial_dims",
+    "data.image-size": "image_size",
+    "data.samples-per-site": "samples_per_site",
+    "data.val-fraction": "val_fraction",
+    "data.quantity-skew": "quantity_skew",
+    "data.scanner-shift": "scanner_shift",
+    "data.label-skew": "label_skew",
+    "data.num-classes": "num_classes",
 }
 
 _CACHE_SIZE = 16
@@ -314,32 +300,22 @@ def make_dataset(
     return SiteDataset(data=items, transform=transform)
 
 
-def synthetic_settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
+def synthetic_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Return the :func:`~flower_medimg.data.synthetic.synthetic_site` keywords.
 
     Parameters
     ----------
-    run_config : Mapping[str, Any]
-        Flower run config (flat dotted keys); missing keys take
-        :data:`DATA_DEFAULTS`.
+    settings : Mapping[str, Any]
+        The run's settings (:class:`~flower_medimg.core.settings.Settings`).
 
     Returns
     -------
     dict[str, Any]
         ``seed``, ``spatial_dims``, ``image_size``, ``samples_per_site``,
         ``val_fraction``, ``quantity_skew``, ``scanner_shift``, ``label_skew`` and
-        ``num_classes``, cast to their types.
+        ``num_classes``.
     """
-    settings = {}
-    for key, (name, kind) in _SYNTHETIC_KEYS.items():
-        value = run_config.get(key, DATA_DEFAULTS[key])
-        try:
-            settings[name] = kind(value)
-        except (TypeError, ValueError) as err:
-            raise ValueError(
-                f"run config key {key!r} must be {kind.__name__}, got {value!r}."
-            ) from err
-    return settings
+    return {name: settings[key] for key, name in SYNTHETIC_KEYS.items()}
 
 
 @lru_cache(maxsize=_CACHE_SIZE)
@@ -395,7 +371,7 @@ def clear_data_cache() -> None:
 
 
 def site_datasets(
-    task: str, node_config: Mapping[str, Any], run_config: Mapping[str, Any]
+    settings: Settings, node_config: Mapping[str, Any]
 ) -> tuple[Dataset, Dataset]:
     """Return a site's ``(train, validation)`` datasets: the ClientApp's entry point.
 
@@ -404,8 +380,8 @@ def site_datasets(
       :func:`~flower_medimg.data.site_folder.load_datalist` and images are loaded from
       the files and resized to ``data.image-size``.
     * Simulation: ``node_config["partition-id"]`` and ``["num-partitions"]`` pick a
-      synthetic site, generated in memory from the run config (see
-      :data:`DATA_DEFAULTS` and :func:`synthetic_settings`).
+      synthetic site, generated in memory from the settings (see
+      :func:`synthetic_settings`).
 
     Results are cached in-process by their arguments, so later rounds in the same
     process reuse the data instead of regenerating or re-reading the datalist (an
@@ -413,12 +389,10 @@ def site_datasets(
 
     Parameters
     ----------
-    task : str
-        ``"segmentation"`` or ``"classification"``.
+    settings : Settings
+        The run's settings (task, image size, synthetic-site settings).
     node_config : Mapping[str, Any]
         The SuperNode's node config.
-    run_config : Mapping[str, Any]
-        The run config (flat dotted keys).
 
     Returns
     -------
@@ -431,31 +405,32 @@ def site_datasets(
         If ``node_config`` has neither ``data-dir`` nor ``partition-id`` and
         ``num-partitions``.
     """
-    settings = synthetic_settings(run_config)
-    if "data-dir" in node_config:
-        data_dir = Path(str(node_config["data-dir"])).expanduser().resolve()
-        datalist = str(node_config.get("datalist", DATALIST_NAME))
+    task = settings["task"]
+    synthetic = synthetic_settings(settings)
+    if protocol.NODE_DATA_DIR in node_config:
+        data_dir = Path(str(node_config[protocol.NODE_DATA_DIR])).expanduser().resolve()
+        datalist = str(node_config.get(protocol.NODE_DATALIST, DATALIST_NAME))
         json_path = data_dir / datalist
         modified = json_path.stat().st_mtime_ns if json_path.is_file() else -1
         return _folder_datasets(
             task,
             str(data_dir),
             datalist,
-            settings["spatial_dims"],
-            settings["image_size"],
+            synthetic["spatial_dims"],
+            synthetic["image_size"],
             modified,
         )
-    if "partition-id" in node_config:
-        if "num-partitions" not in node_config:
+    if protocol.NODE_PARTITION_ID in node_config:
+        if protocol.NODE_NUM_PARTITIONS not in node_config:
             raise ValueError(
                 "node_config has 'partition-id' but no 'num-partitions'; a simulated "
                 "site needs both."
             )
         return _synthetic_datasets(
             task,
-            int(node_config["partition-id"]),
-            int(node_config["num-partitions"]),
-            tuple(sorted(settings.items())),
+            int(node_config[protocol.NODE_PARTITION_ID]),
+            int(node_config[protocol.NODE_NUM_PARTITIONS]),
+            tuple(sorted(synthetic.items())),
         )
     raise ValueError(
         "node_config must name the site's data: 'data-dir' (a site folder with "
@@ -464,24 +439,21 @@ def site_datasets(
     )
 
 
-def central_test_dataset(
-    task: str, num_sites: int, run_config: Mapping[str, Any]
-) -> Dataset:
+def central_test_dataset(settings: Settings) -> Dataset:
     """Return the server-held synthetic test set: all sites' validation images.
 
     Parameters
     ----------
-    task : str
-        ``"segmentation"`` or ``"classification"``.
-    num_sites : int
-        Number of simulated sites (``num-partitions`` of the clients).
-    run_config : Mapping[str, Any]
-        The run config, read like :func:`site_datasets` does.
+    settings : Settings
+        The run's settings (``data.num-sites`` and the synthetic-site settings).
 
     Returns
     -------
     monai.data.Dataset
         In-memory dataset of :func:`~flower_medimg.data.synthetic.synthetic_test_set`.
     """
-    settings = synthetic_settings(run_config)
-    return _central_dataset(task, int(num_sites), tuple(sorted(settings.items())))
+    return _central_dataset(
+        settings["task"],
+        settings["data.num-sites"],
+        tuple(sorted(synthetic_settings(settings).items())),
+    )

@@ -28,7 +28,8 @@ import numpy as np
 from monai.data import load_decathlon_datalist
 from PIL import Image
 
-from flower_medimg.data.synthetic import TASKS, synthetic_site
+from flower_medimg.core.tasks import TASKS
+from flower_medimg.data.synthetic import synthetic_site
 
 __all__ = [
     "DATALIST_NAME",

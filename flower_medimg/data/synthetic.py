@@ -30,8 +30,9 @@ from monai.data.synthetic import create_test_image_2d, create_test_image_3d
 from monai.transforms import AdjustContrast, GaussianSmooth, RandBiasField, Resize
 from monai.utils import convert_to_numpy
 
+from flower_medimg.core.tasks import TASKS
+
 __all__ = [
-    "TASKS",
     "ScannerProfile",
     "apply_scanner_profile",
     "scanner_bias_field",
@@ -40,9 +41,6 @@ __all__ = [
     "synthetic_site",
     "synthetic_test_set",
 ]
-
-TASKS = ("segmentation", "classification")
-"""The tasks the data layer knows."""
 
 MIN_SAMPLES_PER_SITE = 4
 """No site is ever smaller than this, whatever the quantity skew."""
@@ -96,11 +94,6 @@ class ScannerProfile:
     noise_std: float = 0.0
     blur_sigma: float = 0.0
     downsample: int = 1
-
-    @property
-    def is_identity(self) -> bool:
-        """Whether this profile leaves images unchanged (apart from base noise)."""
-        return self == ScannerProfile()
 
 
 def _rng(*entropy: int) -> np.random.RandomState:

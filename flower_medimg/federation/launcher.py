@@ -32,6 +32,7 @@ from typing import Any
 from flwr.common.constant import FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION
 from flwr.supercore.constant import FLWR_DISABLE_UPDATE_CHECK
 
+from flower_medimg.core.settings import resolve_settings
 from flower_medimg.data.datasets import synthetic_settings
 from flower_medimg.data.site_folder import write_synthetic_sites
 from flower_medimg.federation.certificates import TlsFiles, write_tls_files
@@ -445,7 +446,10 @@ def up(
         task=task,
     )
     federation.save()
-    site_options = {**synthetic_settings({}), **dict(data_options or {})}
+    site_options = {
+        **synthetic_settings(resolve_settings()),
+        **dict(data_options or {}),
+    }
     data_dirs = write_synthetic_sites(folder / "data", task, num_sites, **site_options)
     try:
         superlink = _start(

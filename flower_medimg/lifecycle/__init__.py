@@ -10,7 +10,6 @@ log (:mod:`.audit`). :func:`run_lifecycle` ties them together for the ServerApp.
 from .audit import AuditLog, verify_audit_log
 from .driver import LifecycleOutcome, experiment_key, run_lifecycle
 from .registry import ModelRegistry, RegistryError, load_exported, weights_sha256
-from .statistics import statistics_reply
 from .stopping import BestModel, StopDecision, StopRule
 
 __all__ = [
@@ -24,7 +23,6 @@ __all__ = [
     "experiment_key",
     "load_exported",
     "run_lifecycle",
-    "statistics_reply",
     "verify_audit_log",
     "weights_sha256",
 ]

@@ -17,14 +17,13 @@ from collections.abc import Mapping
 from logging import INFO, WARNING
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-__all__ = ["IGNORED_METRICS", "cross_site_matrix", "write_matrix"]
+from flower_medimg.core import protocol
 
-#: Per-reply bookkeeping that is not a validation metric.
-IGNORED_METRICS = ("num-examples", "unit-weight", "eval-time-s", "partition-id")
+__all__ = ["cross_site_matrix", "write_matrix"]
 
 Matrix = dict[str, dict[str, dict[str, float]]]
 
@@ -63,12 +62,14 @@ def cross_site_matrix(
             Message(
                 RecordDict(
                     {
-                        "arrays": arrays,
-                        "config": ConfigRecord({"server-round": server_round}),
+                        protocol.RECORD_ARRAYS: arrays,
+                        protocol.RECORD_CONFIG: ConfigRecord(
+                            {protocol.CONFIG_SERVER_ROUND: server_round}
+                        ),
                     }
                 ),
                 dst_node_id=node_id,
-                message_type="evaluate",
+                message_type=MessageType.EVALUATE,
             )
             for node_id in node_ids
         ]
@@ -84,12 +85,13 @@ def cross_site_matrix(
                 )
                 continue
             metrics = next(iter(reply.content.metric_records.values()))
-            if "partition-id" in metrics:
-                partitions[node_id] = int(metrics["partition-id"])  # type: ignore[arg-type]
+            if protocol.METRIC_PARTITION_ID in metrics:
+                partitions[node_id] = int(metrics[protocol.METRIC_PARTITION_ID])  # type: ignore[arg-type]
             cells[node_id][name] = {
                 key: float(value)
                 for key, value in metrics.items()
-                if key not in IGNORED_METRICS and isinstance(value, (int, float))
+                if key not in protocol.SITE_BOOKKEEPING_METRICS
+                and isinstance(value, (int, float))
             }
     return {
         f"{n} (site {partitions[n]})" if n in partitions else str(n): row

@@ -25,14 +25,21 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from flower_medimg.outputs import RoundRecorder
+from flower_medimg.core.settings import Settings
 
 from .audit import AuditLog
 from .cross_site import cross_site_matrix, write_matrix
+from .outputs import RoundRecorder
 from .registry import ModelRegistry, package_versions
 from .rounds import RoundReport, log_start, run_round
 from .statistics import collect_statistics
-from .stopping import METRIC_SOURCES, BestModel, StopDecision, StopRule, round_metrics
+from .stopping import (
+    RESULT_ATTRIBUTES,
+    BestModel,
+    StopDecision,
+    StopRule,
+    round_metrics,
+)
 from .strategy_state import capture_strategy_state, restore_strategy_state
 
 __all__ = ["LifecycleOutcome", "experiment_key", "run_lifecycle"]
@@ -77,12 +84,6 @@ class LifecycleOutcome:
     resumed_from: int | None
 
 
-def _target(value: Any) -> float | None:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    return float(value)
-
-
 def _epsilon(
     report_metrics: Mapping[str, float], recorded: Mapping[str, Any]
 ) -> float | None:
@@ -100,7 +101,7 @@ def _history(result: Result) -> dict[str, dict[int, dict[str, Any]]]:
         attribute: {
             rnd: dict(record) for rnd, record in getattr(result, attribute).items()
         }
-        for attribute in METRIC_SOURCES.values()
+        for attribute in RESULT_ATTRIBUTES.values()
     }
 
 
@@ -122,30 +123,31 @@ def _audit_round(audit: AuditLog, report: RoundReport) -> None:
 class _Lifecycle:
     """Audit log, registry, stop rule and best model of one ServerApp run."""
 
-    def __init__(self, config: Mapping[str, Any], run_dir: Path) -> None:
-        self.config = config
+    def __init__(self, settings: Settings, run_dir: Path) -> None:
+        self.settings = settings
         self.audit = AuditLog(run_dir / "audit.jsonl")
-        path = str(config["registry.path"]).strip()
+        path = settings["registry.path"].strip()
         self.registry = ModelRegistry(path) if path else None
-        self.keep = str(config["registry.keep"])
+        self.keep = settings["registry.keep"]
+        target = settings["stop.target"]
         self.stop_rule = StopRule(
-            str(config["stop.metric"]),
-            mode=str(config["stop.mode"]),
-            target=_target(config["stop.target"]),
-            patience=int(config["stop.patience"]),
-            min_delta=float(config["stop.min-delta"]),
+            settings["stop.metric"],
+            mode=settings["stop.mode"],
+            target=None if target == "" else target,
+            patience=settings["stop.patience"],
+            min_delta=settings["stop.min-delta"],
         )
-        best_metric = str(config["stop.best-metric"]).strip()
+        best_metric = settings["stop.best-metric"]
         self.best = BestModel(
             best_metric or self.stop_rule.metric,
-            mode="auto" if best_metric else str(config["stop.mode"]),
+            mode="auto" if best_metric else settings["stop.mode"],
         )
         self.best_arrays: ArrayRecord | None = None
         self.best_version: int | None = None
 
     def resume_point(self, experiment: str) -> dict[str, Any] | None:
         """Return the registry version to resume from, if any."""
-        if self.registry is None or not self.config["registry.resume"]:
+        if self.registry is None or not self.settings["registry.resume"]:
             return None
         return self.registry.resumable(experiment)
 
@@ -245,7 +247,7 @@ class _Lifecycle:
 def run_lifecycle(
     grid: Grid,
     context: Context,
-    config: Mapping[str, Any],
+    settings: Settings,
     strategy: Strategy,
     initial_arrays: ArrayRecord,
     recorder: RoundRecorder,
@@ -268,8 +270,8 @@ def run_lifecycle(
         The ServerApp's grid.
     context : Context
         The ServerApp's context (its ``run_id`` goes into the provenance).
-    config : Mapping
-        The resolved run config.
+    settings : Settings
+        The run's settings.
     strategy : Strategy
         Any Message-API strategy (wrapped as the ServerApp builds it).
     initial_arrays : ArrayRecord
@@ -286,10 +288,10 @@ def run_lifecycle(
     LifecycleOutcome
         History, stop decision, best round and registry ids.
     """
-    life = _Lifecycle(config, run_dir)
-    num_rounds = int(config["num-server-rounds"])
-    timeout = float(config["round-timeout"])
-    experiment = experiment_key(config)
+    life = _Lifecycle(settings, run_dir)
+    num_rounds = settings["num-server-rounds"]
+    timeout = settings["round-timeout"]
+    experiment = experiment_key(settings)
     result = Result()
     arrays, last_round, decision = initial_arrays, 0, None
     resume = life.resume_point(experiment)
@@ -301,8 +303,8 @@ def run_lifecycle(
             flower_run_id=context.run_id,
             experiment=experiment,
             run_dir=run_dir,
-            strategy=str(config["strategy.name"]),
-            config=config,
+            strategy=settings["strategy.name"],
+            config=settings,
             resumed_from=None if resume is None else resume["run"],
         )
         if life.best_version is not None:
@@ -312,14 +314,14 @@ def run_lifecycle(
         flower_run_id=context.run_id,
         registry_run=registry_run,
         experiment=experiment,
-        config=dict(config),
+        config=dict(settings),
         versions=package_versions(),
         resumed_from_version=None if resume is None else resume["id"],
         start_round=last_round + 1,
     )
 
-    if resume is None and config["stats.enabled"]:
-        stats = collect_statistics(grid, config, run_dir, timeout)
+    if resume is None and settings["stats.enabled"]:
+        stats = collect_statistics(grid, settings, run_dir, timeout)
         life.audit.append(
             "statistics",
             nodes=[s.node_id for s in stats.sites],
@@ -375,7 +377,7 @@ def run_lifecycle(
     if life.registry is not None and registry_run is not None:
         life.registry.finish_run(registry_run, decision.reason, decision.message)
 
-    if config["cross-site.enabled"]:
+    if settings["cross-site.enabled"]:
         models = {f"final (round {last_round})": arrays}
         if life.best_arrays is not None and life.best.best_round != last_round:
             models[f"best (round {life.best.best_round})"] = life.best_arrays

@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from flower_medimg.models import model_from_config
+from flower_medimg.core.models import model_from_settings
+from flower_medimg.core.private_params import load_shared_state
+from flower_medimg.core.settings import KEEP_POLICIES, resolve_settings
 
 __all__ = [
-    "KEEP_POLICIES",
     "ModelRegistry",
     "load_exported",
     "RegistryError",
@@ -38,8 +39,6 @@ __all__ = [
     "weights_sha256",
 ]
 
-#: ``registry.keep`` values: every round's model, or only the best and the last.
-KEEP_POLICIES = ("all", "best+last")
 
 DB_NAME = "registry.sqlite"
 
@@ -451,7 +450,7 @@ class ModelRegistry:
         """Write a version as ``model.pt`` (a MONAI state_dict) + ``model_card.json``.
 
         The card holds the provenance and the config that rebuilds the network:
-        ``model_from_config(card["config"]).load_state_dict(torch.load("model.pt"))``
+        ``model_from_settings(card["config"]).load_state_dict(torch.load("model.pt"))``
         (see :func:`load_exported`).
 
         Returns
@@ -492,16 +491,13 @@ class ModelRegistry:
         return out
 
 
-def load_exported(folder: str | Path, strict: bool = True) -> torch.nn.Module:
+def load_exported(folder: str | Path) -> torch.nn.Module:
     """Rebuild the MONAI network of an exported version and load its weights.
 
     Parameters
     ----------
     folder : str or Path
         A folder written by :meth:`ModelRegistry.export`.
-    strict : bool (default: True)
-        Passed to ``load_state_dict``; use ``False`` for a model trained with
-        private parameters, whose private part never left the sites.
 
     Raises
     ------
@@ -513,6 +509,6 @@ def load_exported(folder: str | Path, strict: bool = True) -> torch.nn.Module:
     state = torch.load(folder / "model.pt", weights_only=True)
     if weights_sha256(state) != card["sha256"]:
         raise RegistryError(f"{folder / 'model.pt'} does not match its model card")
-    model = model_from_config(card["config"])
-    model.load_state_dict(state, strict=strict)
-    return model
+    settings = resolve_settings(card["config"])
+    model = model_from_settings(settings)
+    return load_shared_state(model, state, settings["private-params"])

@@ -20,13 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
-from .replies import (
-    RejectionLog,
-    ReplyOutcome,
-    reply_outcomes,
-    strategy_weights,
-    update_norms,
-)
+from .replies import ReplyOutcome, forget_outcomes, round_outcomes
 
 __all__ = ["RoundReport", "log_start", "run_round"]
 
@@ -122,18 +116,9 @@ def run_round(
     replies = sorted(
         grid.send_and_receive(messages=messages, timeout=timeout), key=_content_key
     )
-    norms = update_norms(replies, arrays)
-    weights_before = strategy_weights(strategy)
-    with RejectionLog() as rejections:
-        agg_arrays, agg_metrics = strategy.aggregate_train(server_round, replies)
-    weights = strategy_weights(strategy)
-    report.replies = reply_outcomes(
-        replies,
-        norms,
-        rejections.rejected,
-        None if weights is weights_before else weights,
-        str(getattr(strategy, "weighted_by_key", "num-examples")),
-    )
+    forget_outcomes(strategy)
+    agg_arrays, agg_metrics = strategy.aggregate_train(server_round, replies)
+    report.replies = round_outcomes(strategy, replies)
     if agg_arrays is not None:
         result.arrays = agg_arrays
         report.arrays = agg_arrays

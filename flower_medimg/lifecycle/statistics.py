@@ -15,156 +15,40 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from PIL import Image, ImageDraw
+from scipy.spatial.distance import jensenshannon
 
-from flower_medimg.data import site_datasets
-from flower_medimg.node_deadline import NodeDeadlineGrid
+from flower_medimg.core import protocol
+from flower_medimg.core.settings import Settings
+
+from .node_deadline import NodeDeadlineGrid
 
 __all__ = [
-    "QUERY_STATISTICS",
     "SiteStatistics",
     "StatisticsReport",
     "collect_statistics",
     "js_distance",
     "pool_statistics",
-    "statistics_reply",
-    "summarise_site",
 ]
-
-#: ``message_type`` of the statistics query.
-QUERY_STATISTICS = "query"
-#: Error code of a site that declines to share statistics.
-REFUSED = 403
 
 
 def js_distance(p: np.ndarray, q: np.ndarray) -> float:
     """Jensen-Shannon distance (base 2, in [0, 1]) between two histograms.
 
-    Both are normalised first; ``sqrt(JSD)`` with
-    ``JSD = (KL(p||m) + KL(q||m)) / 2`` and ``m = (p + q) / 2``.
+    ``sqrt(JSD)`` with ``JSD = (KL(p||m) + KL(q||m)) / 2`` and ``m = (p + q) / 2``
+    of the normalised histograms (Lin 1991, https://doi.org/10.1109/18.61115),
+    computed by :func:`scipy.spatial.distance.jensenshannon`.
     """
-    p = np.asarray(p, dtype=np.float64)
-    q = np.asarray(q, dtype=np.float64)
-    p, q = p / p.sum(), q / q.sum()
-    m = (p + q) / 2
-
-    def kl(a: np.ndarray) -> float:
-        mask = a > 0
-        return float(np.sum(a[mask] * np.log2(a[mask] / m[mask])))
-
-    return math.sqrt(max((kl(p) + kl(q)) / 2, 0.0))
-
-
-def summarise_site(
-    samples: Iterable[Mapping[str, Any]],
-    bins: int,
-    value_range: tuple[float, float],
-    num_classes: int,
-) -> dict[str, Any]:
-    """Summarise a site's images and labels (the values its reply carries).
-
-    Parameters
-    ----------
-    samples : Iterable[Mapping]
-        Dataset items with ``"image"`` (channel-first) and ``"label"`` (a mask or a
-        class index); ``image.meta["pixdim"]`` is read when present.
-    bins : int
-        Number of histogram bins on ``value_range``.
-    value_range : tuple[float, float]
-        The fixed intensity grid every site uses.
-    num_classes : int
-        Label values counted (at least; larger labels extend the counts).
-
-    Returns
-    -------
-    dict
-        ``num-images``, ``histogram`` (list of ``bins`` counts), ``below`` and
-        ``above`` (voxels outside the grid), ``count``, ``sum``, ``sum-sq``,
-        ``shape-min``/``shape-max`` (spatial shape), ``spacing-mean`` (empty if
-        unknown) and ``label-counts``.
-    """
-    lo, hi = value_range
-    histogram = np.zeros(bins, dtype=np.int64)
-    below = above = count = num_images = 0
-    total = total_sq = 0.0
-    shapes, spacings = [], []
-    labels = np.zeros(num_classes, dtype=np.int64)
-    for item in samples:
-        image = np.asarray(item["image"], dtype=np.float64)
-        num_images += 1
-        shapes.append(image.shape[1:])
-        pixdim = getattr(item["image"], "meta", {}).get("pixdim")
-        if pixdim is not None:
-            spacings.append(np.asarray(pixdim, dtype=np.float64).ravel()[1:4])
-        values = image.ravel()
-        histogram += np.histogram(values, bins=bins, range=(lo, hi))[0]
-        below += int(np.sum(values < lo))
-        above += int(np.sum(values > hi))
-        count += values.size
-        total += float(values.sum())
-        total_sq += float(np.dot(values, values))
-        label = np.asarray(item["label"]).astype(np.int64).ravel()
-        found = np.bincount(label, minlength=num_classes)
-        if found.size > labels.size:
-            labels = np.pad(labels, (0, found.size - labels.size))
-        labels[: found.size] += found
-    shape_array = np.array(shapes or [[0]], dtype=np.int64)
-    return {
-        "num-images": num_images,
-        "histogram": histogram.tolist(),
-        "below": below,
-        "above": above,
-        "count": count,
-        "sum": total,
-        "sum-sq": total_sq,
-        "shape-min": shape_array.min(axis=0).tolist(),
-        "shape-max": shape_array.max(axis=0).tolist(),
-        "spacing-mean": np.mean(spacings, axis=0).tolist() if spacings else [],
-        "label-counts": labels.tolist(),
-    }
-
-
-def _declines(node_config: Mapping[str, Any]) -> bool:
-    value = node_config.get("share-statistics", True)
-    return str(value).strip().lower() in ("false", "0", "no", "off")
-
-
-def statistics_reply(
-    msg: Message, context: Context, config: Mapping[str, Any]
-) -> Message:
-    """Answer the statistics query at a site (the ClientApp's ``query`` handler).
-
-    Replies with an error when ``node_config["share-statistics"]`` is false.
-    """
-    if _declines(context.node_config):
-        return Message(
-            Error(code=REFUSED, reason="the site declines to share data statistics"),
-            reply_to=msg,
-        )
-    query = msg.content["config"]
-    train_ds, val_ds = site_datasets(config["task"], context.node_config, config)
-    num_classes = (
-        int(config["data.num-classes"]) if config["task"] == "classification" else 2
-    )
-    values = summarise_site(
-        (item for ds in (train_ds, val_ds) for item in ds),
-        int(query["bins"]),
-        (float(query["range-min"]), float(query["range-max"])),
-        num_classes,
-    )
-    if "partition-id" in context.node_config:
-        values["partition-id"] = int(context.node_config["partition-id"])
-    return Message(RecordDict({"statistics": MetricRecord(values)}), reply_to=msg)
+    return float(jensenshannon(p, q, base=2))
 
 
 @dataclass
@@ -195,7 +79,7 @@ class SiteStatistics:
     @property
     def label(self) -> str:
         """Node id, with the simulation's partition id when known."""
-        partition = self.values.get("partition-id")
+        partition = self.values.get(protocol.METRIC_PARTITION_ID)
         return f"{self.node_id}" + (
             f" (site {partition})" if partition is not None else ""
         )
@@ -341,28 +225,28 @@ def _connected_sites(grid: Grid) -> list[int]:
 
 
 def collect_statistics(
-    grid: Grid, config: Mapping[str, Any], out_dir: Path, timeout: float
+    grid: Grid, settings: Settings, out_dir: Path, timeout: float
 ) -> StatisticsReport:
     """Run the statistics phase: query every connected site, pool, flag, write.
 
     Writes ``statistics.json``, ``statistics.md`` and ``statistics.png`` to
     ``out_dir`` and logs the table.
     """
-    bins = int(config["stats.bins"])
-    value_range = (float(config["stats.range-min"]), float(config["stats.range-max"]))
-    if bins < 1 or not value_range[0] < value_range[1]:
-        raise ValueError(
-            f"stats.bins must be >= 1 and stats.range-min < stats.range-max, got "
-            f"{bins}, {value_range[0]}, {value_range[1]}"
-        )
+    bins = settings["stats.bins"]
+    value_range = (settings["stats.range-min"], settings["stats.range-max"])
+    flag_distance = settings["stats.flag-distance"]
     query = ConfigRecord(
-        {"bins": bins, "range-min": value_range[0], "range-max": value_range[1]}
+        {
+            protocol.QUERY_BINS: bins,
+            protocol.QUERY_RANGE_MIN: value_range[0],
+            protocol.QUERY_RANGE_MAX: value_range[1],
+        }
     )
     messages = [
         Message(
-            RecordDict({"config": query}),
+            RecordDict({protocol.RECORD_CONFIG: query}),
             dst_node_id=node_id,
-            message_type=QUERY_STATISTICS,
+            message_type=protocol.QUERY_STATISTICS,
         )
         for node_id in sorted(_connected_sites(grid))
     ]
@@ -378,10 +262,10 @@ def collect_statistics(
                 reply.error.reason,
             )
             continue
-        values = dict(reply.content["statistics"])
+        values = dict(reply.content[protocol.RECORD_STATISTICS])
         report.sites.append(SiteStatistics(node_id, values))
     report.sites.sort(key=lambda s: s.node_id)
-    report.pooled = pool_statistics(report.sites, float(config["stats.flag-distance"]))
+    report.pooled = pool_statistics(report.sites, flag_distance)
     table = _table(report)
     for line in table.splitlines():
         log(INFO, "flower-medimg: %s", line)
@@ -394,7 +278,7 @@ def collect_statistics(
                 "site > %g)",
                 site.label,
                 site.distance,
-                float(config["stats.flag-distance"]),
+                flag_distance,
             )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "statistics.md").write_text(table + "\n")

@@ -20,8 +20,10 @@ from typing import Any
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Result
 
+from flower_medimg.core.settings import METRIC_SOURCES
+
 __all__ = [
-    "METRIC_SOURCES",
+    "RESULT_ATTRIBUTES",
     "BestModel",
     "StopDecision",
     "StopRule",
@@ -30,11 +32,17 @@ __all__ = [
 ]
 
 #: Prefixes of round metric names and the part of Flower's ``Result`` they come from.
-METRIC_SOURCES = {
-    "train": "train_metrics_clientapp",
-    "evaluate": "evaluate_metrics_clientapp",
-    "central": "evaluate_metrics_serverapp",
-}
+RESULT_ATTRIBUTES = dict(
+    zip(
+        METRIC_SOURCES,
+        (
+            "train_metrics_clientapp",
+            "evaluate_metrics_clientapp",
+            "evaluate_metrics_serverapp",
+        ),
+        strict=True,
+    )
+)
 
 _LOWER_IS_BETTER = ("loss", "hd95", "distance", "error")
 
@@ -42,7 +50,7 @@ _LOWER_IS_BETTER = ("loss", "hd95", "distance", "error")
 def round_metrics(result: Result, server_round: int) -> dict[str, float]:
     """Return one round's scalar metrics as ``{"<source>/<key>": value}``."""
     metrics: dict[str, float] = {}
-    for source, attribute in METRIC_SOURCES.items():
+    for source, attribute in RESULT_ATTRIBUTES.items():
         record = getattr(result, attribute).get(server_round, {})
         for key, value in record.items():
             if isinstance(value, (int, float)):

@@ -20,15 +20,9 @@ from flwr.app import Array, ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
-__all__ = ["capture_strategy_state", "restore_strategy_state", "strategy_chain"]
+from flower_medimg.strategies.chain import strategy_chain
 
-
-def strategy_chain(strategy: Strategy) -> list[Strategy]:
-    """Return the strategy and the strategies it wraps, outermost first."""
-    chain = [strategy]
-    while isinstance(inner := vars(chain[-1]).get("strategy"), Strategy):
-        chain.append(inner)
-    return chain
+__all__ = ["capture_strategy_state", "restore_strategy_state"]
 
 
 def _class_name(obj: object) -> str:

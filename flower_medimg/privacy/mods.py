@@ -40,6 +40,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
+from flower_medimg.core import protocol
+
 from .sparse_sharing import (
     DEFAULT_MAX_PASSES,
     percentile_filter,
@@ -48,20 +50,10 @@ from .sparse_sharing import (
 )
 
 __all__ = [
-    "KEY_LOCAL_STEPS",
-    "KEY_SHARED_FRACTION",
-    "KEY_SVT_EPSILON",
     "PercentilePrivacyMod",
     "SVTPrivacyMod",
     "safe_fixedclipping_mod",
 ]
-
-#: Reply metric with the number of local optimisation steps (read, default 1).
-KEY_LOCAL_STEPS = "local-steps"
-#: Reply metric added by both mods: fraction of non-zero uploaded coordinates.
-KEY_SHARED_FRACTION = "shared-fraction"
-#: Reply metric added by ``SVTPrivacyMod``: the site's cumulative SVT ε.
-KEY_SVT_EPSILON = "svt-epsilon"
 
 
 def _error_reply(msg: Message, reason: str) -> Message:
@@ -73,16 +65,18 @@ def _error_reply(msg: Message, reason: str) -> Message:
 
 def _local_steps(metrics: MetricRecord | None, name: str) -> float:
     """Read ``local-steps`` from the reply; 1 if absent or not a positive number."""
-    if metrics is None or KEY_LOCAL_STEPS not in metrics:
+    if metrics is None or protocol.METRIC_LOCAL_STEPS not in metrics:
         return 1.0
-    value = metrics[KEY_LOCAL_STEPS]
+    value = metrics[protocol.METRIC_LOCAL_STEPS]
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
         or not math.isfinite(value)
         or value <= 0
     ):
-        log(WARNING, "%s: '%s' is %r; using 1", name, KEY_LOCAL_STEPS, value)
+        log(
+            WARNING, "%s: '%s' is %r; using 1", name, protocol.METRIC_LOCAL_STEPS, value
+        )
         return 1.0
     return float(value)
 
@@ -218,7 +212,7 @@ class PercentilePrivacyMod(_UpdateFilterMod):
         filtered = percentile_filter(delta, self.share, self.gamma, steps)
         fraction = shared_fraction(delta, filtered)
         log(INFO, "%s: sent %.4f of the update's coordinates", self.name, fraction)
-        return filtered, {KEY_SHARED_FRACTION: fraction}
+        return filtered, {protocol.METRIC_SHARED_FRACTION: fraction}
 
 
 class SVTPrivacyMod(_UpdateFilterMod):
@@ -360,7 +354,10 @@ class SVTPrivacyMod(_UpdateFilterMod):
             spend.epsilon,
             total,
         )
-        return filtered, {KEY_SHARED_FRACTION: fraction, KEY_SVT_EPSILON: total}
+        return filtered, {
+            protocol.METRIC_SHARED_FRACTION: fraction,
+            protocol.METRIC_SVT_EPSILON: total,
+        }
 
 
 class _ZeroUpdate(Exception):  # noqa: N818 (control flow, not an error)

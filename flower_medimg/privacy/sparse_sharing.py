@@ -8,7 +8,7 @@ https://arxiv.org/abs/1603.01699).
 Both filters act on a client's update ``delta = theta_k - theta_global`` given as a
 ``{name: ndarray}`` dict and return a sparse update of the same keys, shapes and
 dtypes. NVIDIA NVFlare's ``PercentilePrivacy`` and ``SVTPrivacy`` result filters are
-the specification of record (spec section 1.5); the differences are:
+the specification of record; the differences are:
 
 - Parameters are in the user's terms: ``share=0.1`` sends 10% of the coordinates
   (NVFlare's ``percentile`` is the share *dropped*, ``P = 100 * (1 - share)``; its
@@ -355,7 +355,7 @@ def svt_filter(
 
     Li et al. (https://arxiv.org/abs/1910.00962) after Lyu et al.
     (https://arxiv.org/abs/1603.01699); the 2026 variant of NVFlare's
-    ``SVTPrivacy`` with its pure-DP odometer (spec section 1.5)::
+    ``SVTPrivacy`` with its pure-DP odometer::
 
         delta = concat(update / steps)      (filtered arrays, sorted key order)
         c     = min(ceil(share * n), n)

@@ -2,7 +2,8 @@
 
 Every strategy subclasses Flower's ``flwr.serverapp.strategy.FedAvg`` (through
 ``FastFedAvg``), takes the same constructor arguments and works with
-``strategy.start(...)``. ``QualityGate`` wraps any Message-API strategy.
+``strategy.start(...)``. ``QualityGate`` wraps any Message-API strategy;
+``make_user_level_dp`` wraps one in user-level differential privacy.
 """
 
 from .cyclic import CyclicIncremental
@@ -14,6 +15,7 @@ from .fedcostwavg import FedCostWAvg
 from .fedfocus import FedFocus
 from .fednova import FedNova
 from .quality_gate import QualityGate
+from .user_level_dp import make_user_level_dp
 
 __all__ = [
     "CyclicIncremental",
@@ -25,4 +27,5 @@ __all__ = [
     "FedFocus",
     "FedNova",
     "QualityGate",
+    "make_user_level_dp",
 ]

@@ -6,15 +6,15 @@ Paper: doi.org/10.1038/s41598-020-69250-1 (Scientific Reports 2020)
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from logging import INFO
+from typing import Any
 
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Message,
     MessageType,
-    MetricRecord,
     RecordDict,
 )
 from flwr.common.logger import log
@@ -45,90 +45,23 @@ class CyclicIncremental(FastFedAvg):
 
     Parameters
     ----------
-    fraction_train : float (default: 1.0)
-        Fraction of nodes used during training. In case `min_train_nodes`
-        is larger than `fraction_train * total_connected_nodes`, `min_train_nodes`
-        will still be sampled.
-    fraction_evaluate : float (default: 1.0)
-        Fraction of nodes used during validation. In case `min_evaluate_nodes`
-        is larger than `fraction_evaluate * total_connected_nodes`,
-        `min_evaluate_nodes` will still be sampled.
-    min_train_nodes : int (default: 2)
-        Minimum number of nodes used during training.
-    min_evaluate_nodes : int (default: 2)
-        Minimum number of nodes used during validation.
-    min_available_nodes : int (default: 2)
-        Minimum number of total nodes in the system.
-    weighted_by_key : str (default: "num-examples")
-        The key within each MetricRecord whose value is used as the weight when
-        computing weighted averages for both ArrayRecords and MetricRecords.
-    arrayrecord_key : str (default: "arrays")
-        Key used to store the ArrayRecord when constructing Messages.
-    configrecord_key : str (default: "config")
-        Key used to store the ConfigRecord when constructing Messages.
-    train_metrics_aggr_fn : Optional[callable] (default: None)
-        Function with signature (list[RecordDict], str) -> MetricRecord,
-        used to aggregate MetricRecords from training round replies.
-        If `None`, defaults to `aggregate_metricrecords`, which performs a weighted
-        average using the provided weight factor key.
-    evaluate_metrics_aggr_fn : Optional[callable] (default: None)
-        Function with signature (list[RecordDict], str) -> MetricRecord,
-        used to aggregate MetricRecords from training round replies.
-        If `None`, defaults to `aggregate_metricrecords`, which performs a weighted
-        average using the provided weight factor key.
     shuffle : bool (default: False)
         Reshuffle the visiting order at the start of every cycle.
     seed : Optional[int] (default: None)
         Seed of the reshuffling.
-    check_finite : bool (default: True)
-        Drop replies with non-finite array values. Linear aggregators check the
-        aggregate and only search for the culprits when it is not finite.
-    max_update_norm : Optional[float] (default: None)
-        Drop replies whose update norm ``||theta_k - theta||`` exceeds this bound.
-    update_norm_factor : Optional[float] (default: None)
-        Drop replies whose update norm exceeds this factor times the round's median
-        update norm (applied with at least three replies).
+    *args, **kwargs
+        The arguments of :class:`FastFedAvg` (Flower's ``FedAvg`` arguments, also
+        positionally, and the reply checks).
     """
 
-    # pylint: disable=too-many-arguments,too-many-positional-arguments
     def __init__(
         self,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        weighted_by_key: str = "num-examples",
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
-        train_metrics_aggr_fn: (
-            Callable[[list[RecordDict], str], MetricRecord] | None
-        ) = None,
-        evaluate_metrics_aggr_fn: (
-            Callable[[list[RecordDict], str], MetricRecord] | None
-        ) = None,
-        *,
+        *args: Any,
         shuffle: bool = False,
         seed: int | None = None,
-        check_finite: bool = True,
-        max_update_norm: float | None = None,
-        update_norm_factor: float | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-            arrayrecord_key=arrayrecord_key,
-            configrecord_key=configrecord_key,
-            train_metrics_aggr_fn=train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
-            check_finite=check_finite,
-            max_update_norm=max_update_norm,
-            update_norm_factor=update_norm_factor,
-        )
+        super().__init__(*args, **kwargs)
         self.shuffle = shuffle
         self.order: list[int] = []
         self.position = 0

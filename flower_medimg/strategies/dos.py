@@ -6,16 +6,74 @@ github.com/Naiftt/SPAFD
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
-from flwr.app import MetricRecord, RecordDict
 from flwr.common.logger import log
 
 from .fast_fedavg import FastFedAvg
-from .kernels import copod_scores, pairwise_distances, softmin_weights
-from .quality import ScreenedReplies, check_update_norms
+from .kernels import pairwise_distances
+from .quality import ScreenedReplies
+
+__all__ = ["DistanceOutlierSuppression", "copod_scores", "softmin_weights"]
+
+
+def copod_scores(x: np.ndarray) -> np.ndarray:
+    """COPOD outlier score of each row of ``x``.
+
+    Copula-based outlier detection (Li et al., ICDM 2020,
+    https://arxiv.org/abs/2009.09463), computed in one pass as pyod's
+    ``COPOD().fit(X).decision_function(X)`` does::
+
+        F_l(x_ij) = #{r: x_rj <= x_ij} / K      U_l = -ln F_l
+        F_r(x_ij) = #{r: x_rj >= x_ij} / K      U_r = -ln F_r
+        U_s = U_l if skew_j < 0, U_r if skew_j > 0, U_l + U_r if skew_j = 0
+        score_i = sum_j max(U_s_ij, (U_l_ij + U_r_ij) / 2)
+
+    with the population skewness of each column. A constant column has undefined
+    skewness, which makes every score NaN (as in pyod); callers fall back.
+
+    Parameters
+    ----------
+    x : np.ndarray
+        (K, M) matrix, one row per sample.
+
+    Returns
+    -------
+    np.ndarray
+        (K,) scores; larger means more outlying.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    k = x.shape[0]
+    # counts[i, j] = #{r : x[r, j] <= x[i, j]} via sorted columns
+    ordered = np.sort(x, axis=0)
+    f_left = np.empty_like(x)
+    f_right = np.empty_like(x)
+    for j in range(x.shape[1]):
+        col = ordered[:, j]
+        f_left[:, j] = np.searchsorted(col, x[:, j], side="right")
+        f_right[:, j] = k - np.searchsorted(col, x[:, j], side="left")
+    u_left = -np.log(f_left / k)
+    u_right = -np.log(f_right / k)
+    mean = x.mean(axis=0)
+    centred = x - mean
+    m2 = np.mean(centred**2, axis=0)
+    m3 = np.mean(centred**3, axis=0)
+    eps = np.finfo(np.float64).eps
+    with np.errstate(invalid="ignore", divide="ignore"):
+        skew = np.where(m2 <= (eps * mean) ** 2, np.nan, m3 / m2**1.5)
+    sign = np.sign(skew)
+    u_skew = -u_left * np.sign(sign - 1) + u_right * np.sign(sign + 1)
+    outlying = np.maximum(u_skew, 0.5 * (u_left + u_right))
+    return outlying.sum(axis=1)
+
+
+def softmin_weights(scores: np.ndarray) -> np.ndarray:
+    """Return ``exp(-a_k) / sum_j exp(-a_j)`` (shifted for stability)."""
+    a = np.asarray(scores, dtype=np.float64)
+    e = np.exp(-(a - a.min()))
+    return e / e.sum()
 
 
 class DistanceOutlierSuppression(FastFedAvg):
@@ -41,96 +99,26 @@ class DistanceOutlierSuppression(FastFedAvg):
 
     Parameters
     ----------
-    fraction_train : float (default: 1.0)
-        Fraction of nodes used during training. In case `min_train_nodes`
-        is larger than `fraction_train * total_connected_nodes`, `min_train_nodes`
-        will still be sampled.
-    fraction_evaluate : float (default: 1.0)
-        Fraction of nodes used during validation. In case `min_evaluate_nodes`
-        is larger than `fraction_evaluate * total_connected_nodes`,
-        `min_evaluate_nodes` will still be sampled.
-    min_train_nodes : int (default: 2)
-        Minimum number of nodes used during training.
-    min_evaluate_nodes : int (default: 2)
-        Minimum number of nodes used during validation.
-    min_available_nodes : int (default: 2)
-        Minimum number of total nodes in the system.
-    weighted_by_key : str (default: "num-examples")
-        The key within each MetricRecord whose value is used as the weight when
-        computing weighted averages for both ArrayRecords and MetricRecords.
-    arrayrecord_key : str (default: "arrays")
-        Key used to store the ArrayRecord when constructing Messages.
-    configrecord_key : str (default: "config")
-        Key used to store the ConfigRecord when constructing Messages.
-    train_metrics_aggr_fn : Optional[callable] (default: None)
-        Function with signature (list[RecordDict], str) -> MetricRecord,
-        used to aggregate MetricRecords from training round replies.
-        If `None`, defaults to `aggregate_metricrecords`, which performs a weighted
-        average using the provided weight factor key.
-    evaluate_metrics_aggr_fn : Optional[callable] (default: None)
-        Function with signature (list[RecordDict], str) -> MetricRecord,
-        used to aggregate MetricRecords from training round replies.
-        If `None`, defaults to `aggregate_metricrecords`, which performs a weighted
-        average using the provided weight factor key.
     use_updates : bool (default: True)
         Score updates ``theta_k - theta`` (needs the global arrays sent in
         ``configure_train``) rather than the replied weights.
     min_weight : float (default: 0.0)
         Weights below this value are set to 0 (then renormalised).
-    check_finite : bool (default: True)
-        Drop replies with non-finite array values. Linear aggregators check the
-        aggregate and only search for the culprits when it is not finite.
-    max_update_norm : Optional[float] (default: None)
-        Drop replies whose update norm ``||theta_k - theta||`` exceeds this bound.
-    update_norm_factor : Optional[float] (default: None)
-        Drop replies whose update norm exceeds this factor times the round's median
-        update norm (applied with at least three replies).
+    *args, **kwargs
+        The arguments of :class:`FastFedAvg` (Flower's ``FedAvg`` arguments, also
+        positionally, and the reply checks).
     """
 
-    _linear = False
-    _finite_pass = False  # the distance pass detects non-finite replies
-
-    # pylint: disable=too-many-arguments,too-many-positional-arguments
     def __init__(
         self,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        weighted_by_key: str = "num-examples",
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
-        train_metrics_aggr_fn: (
-            Callable[[list[RecordDict], str], MetricRecord] | None
-        ) = None,
-        evaluate_metrics_aggr_fn: (
-            Callable[[list[RecordDict], str], MetricRecord] | None
-        ) = None,
-        *,
+        *args: Any,
         use_updates: bool = True,
         min_weight: float = 0.0,
-        check_finite: bool = True,
-        max_update_norm: float | None = None,
-        update_norm_factor: float | None = None,
+        **kwargs: Any,
     ) -> None:
         if not 0.0 <= min_weight < 1.0:
             raise ValueError("`min_weight` must be in [0, 1).")
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-            arrayrecord_key=arrayrecord_key,
-            configrecord_key=configrecord_key,
-            train_metrics_aggr_fn=train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
-            check_finite=check_finite,
-            max_update_norm=max_update_norm,
-            update_norm_factor=update_norm_factor,
-        )
+        super().__init__(*args, **kwargs)
         self.use_updates = use_updates
         self.min_weight = min_weight
         self.last_scores: np.ndarray | None = None
@@ -153,13 +141,7 @@ class DistanceOutlierSuppression(FastFedAvg):
                 "DOS: global arrays unknown (configure_train not called); "
                 "scoring the replied weights instead of updates",
             )
-        euclid, cosine, sq_norms = pairwise_distances(screened.columns, reference)
-        if self.check_finite and not np.all(np.isfinite(sq_norms)):
-            reasons = check_update_norms(sq_norms)
-            bad = [i for i, r in enumerate(reasons) if r is not None]
-            screened.reject(bad, [reasons[i] for i in bad])  # type: ignore[misc]
-            keep = np.setdiff1d(np.arange(len(sq_norms)), bad)
-            euclid, cosine = euclid[np.ix_(keep, keep)], cosine[np.ix_(keep, keep)]
+        euclid, cosine, _ = pairwise_distances(screened.columns, reference)
         num = len(screened.accepted)
         if num == 0:
             return np.zeros(0)

@@ -6,25 +6,28 @@ Paper: arxiv.org/pdf/1803.01498v1.pdf
 from __future__ import annotations
 
 import numpy as np
+from flwr.serverapp.strategy import FedMedian
 
 from .fast_fedavg import FastFedAvg
 from .kernels import coordinate_median
 from .quality import ScreenedReplies
 
+__all__ = ["FastFedMedian"]
 
-class FastFedMedian(FastFedAvg):
+
+class FastFedMedian(FastFedAvg, FedMedian):
     """Federated Median (FedMedian) strategy reading replies in place.
 
     Implementation based on https://arxiv.org/pdf/1803.01498v1
 
     Same result as Flower's ``FedMedian`` (the coordinate-wise median of the
-    replied arrays; integer arrays are rounded back to their dtype) computed on
-    column chunks of all replies at once instead of one stacked copy per tensor, and
-    with the reply checks of ``FastFedAvg`` (a non-finite reply is dropped rather
-    than sorted into the median). Takes the same arguments as ``FastFedAvg``.
+    replied arrays; integer arrays are rounded back to their dtype), of which it is
+    a subclass, computed on column chunks of all replies at once instead of one
+    stacked copy per tensor, and with the reply checks of :class:`FastFedAvg` (a
+    non-finite reply is dropped rather than sorted into the median). Takes the same
+    arguments as :class:`FastFedAvg`.
     """
 
-    _linear = False
     _weighted = False
 
     def _combine(

@@ -1,24 +1,73 @@
 """FedFocus: loss-driven dynamic aggregation weights [Li et al., 2022].
 
 Paper: doi.org/10.1109/TCBB.2022.3184319 (IEEE/ACM TCBB 2022). The paper's exact
-equations could not be retrieved; the weighting below is our reconstruction
-(spec section 1.2), parametrised so that it also covers FedMix's documented
-weighting.
+equations could not be retrieved; the weighting below is our reconstruction,
+parametrised so that it also covers FedMix's documented weighting (Wicaksana et
+al., https://arxiv.org/abs/2205.01840).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import MetricRecord, RecordDict
 from flwr.common.logger import log
 
+from flower_medimg.core.protocol import METRIC_TRAIN_LOSS_AFTER, OPTIONAL_TRAIN_METRICS
+
 from .fast_fedavg import FastFedAvg
-from .kernels import fallback_weights, fedfocus_weights
+from .kernels import fallback_weights
+
+__all__ = ["FedFocus", "fedfocus_weights"]
 from .quality import ScreenedReplies
+
+
+def fedfocus_weights(
+    num_examples: Sequence[float] | np.ndarray,
+    losses: Sequence[float] | np.ndarray,
+    server_round: int,
+    *,
+    beta: float = 1.0,
+    lambda0: float = 0.5,
+    gamma: float = 0.8,
+    mode: str = "convex",
+    direction: int = 1,
+) -> np.ndarray:
+    """Return FedFocus / loss-weighted aggregation weights.
+
+    Our reconstruction (the paper's exact equations were not retrievable)::
+
+        s_k = L_k^(direction * beta) / sum_j L_j^(direction * beta)
+        q_k = n_k / N
+        lambda_t = lambda0 * gamma^(t - 1)
+        convex:   p_k = (1 - lambda_t) q_k + lambda_t s_k   (lambda_t clipped to [0, 1])
+        additive: p_k ∝ q_k + lambda_t s_k
+
+    If all losses are 0 (or the loss term is not finite), ``s = q``.
+    """
+    if mode not in ("convex", "additive"):
+        raise ValueError("`mode` must be 'convex' or 'additive'")
+    if direction not in (1, -1):
+        raise ValueError("`direction` must be 1 or -1")
+    n = np.asarray(num_examples, dtype=np.float64)
+    loss = np.asarray(losses, dtype=np.float64)
+    if np.any(loss < 0):
+        raise ValueError("losses must be non-negative")
+    q = n / n.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        powered = loss ** (direction * beta)
+        total = powered.sum()
+        s = powered / total
+    if not (np.isfinite(total) and total > 0 and np.all(np.isfinite(s))):
+        s = q
+    lam = lambda0 * gamma ** (server_round - 1)
+    if mode == "convex":
+        lam = min(max(lam, 0.0), 1.0)
+        return (1.0 - lam) * q + lam * s
+    p = q + lam * s
+    return p / p.sum()
 
 
 class FedFocus(FastFedAvg):
@@ -28,7 +77,7 @@ class FedFocus(FastFedAvg):
 
     The paper weights clients by their training loss with a factor updated every
     round that stabilises aggregation; its exact equations were not retrievable, so
-    this is **our reconstruction** (spec section 1.2). With ``L_k`` the reported
+    this is **our reconstruction**. With ``L_k`` the reported
     loss (``loss_key``, default ``train-loss-after``) and ``t`` the server round::
 
         s_k      = L_k^(d * beta) / sum_j L_j^(d * beta)      (d = direction)
@@ -45,37 +94,6 @@ class FedFocus(FastFedAvg):
 
     Parameters
     ----------
-    fraction_train : float (default: 1.0)
-        Fraction of nodes used during training. In case `min_train_nodes`
-        is larger than `fraction_train * total_connected_nodes`, `min_train_nodes`
-        will still be sampled.
-    fraction_evaluate : float (default: 1.0)
-        Fraction of nodes used during validation. In case `min_evaluate_nodes`
-        is larger than `fraction_evaluate * total_connected_nodes`,
-        `min_evaluate_nodes` will still be sampled.
-    min_train_nodes : int (default: 2)
-        Minimum number of nodes used during training.
-    min_evaluate_nodes : int (default: 2)
-        Minimum number of nodes used during validation.
-    min_available_nodes : int (default: 2)
-        Minimum number of total nodes in the system.
-    weighted_by_key : str (default: "num-examples")
-        The key within each MetricRecord whose value is used as the weight when
-        computing weighted averages for both ArrayRecords and MetricRecords.
-    arrayrecord_key : str (default: "arrays")
-        Key used to store the ArrayRecord when constructing Messages.
-    configrecord_key : str (default: "config")
-        Key used to store the ConfigRecord when constructing Messages.
-    train_metrics_aggr_fn : Optional[callable] (default: None)
-        Function with signature (list[RecordDict], str) -> MetricRecord,
-        used to aggregate MetricRecords from training round replies.
-        If `None`, defaults to `aggregate_metricrecords`, which performs a weighted
-        average using the provided weight factor key.
-    evaluate_metrics_aggr_fn : Optional[callable] (default: None)
-        Function with signature (list[RecordDict], str) -> MetricRecord,
-        used to aggregate MetricRecords from training round replies.
-        If `None`, defaults to `aggregate_metricrecords`, which performs a weighted
-        average using the provided weight factor key.
     beta : float (default: 1.0)
         Exponent of the loss.
     lambda0 : float (default: 0.5)
@@ -88,43 +106,21 @@ class FedFocus(FastFedAvg):
         ``1``: more weight to high loss; ``-1``: more weight to low loss.
     loss_key : str (default: "train-loss-after")
         Metric holding the client's loss.
-    check_finite : bool (default: True)
-        Drop replies with non-finite array values. Linear aggregators check the
-        aggregate and only search for the culprits when it is not finite.
-    max_update_norm : Optional[float] (default: None)
-        Drop replies whose update norm ``||theta_k - theta||`` exceeds this bound.
-    update_norm_factor : Optional[float] (default: None)
-        Drop replies whose update norm exceeds this factor times the round's median
-        update norm (applied with at least three replies).
+    *args, **kwargs
+        The arguments of :class:`FastFedAvg` (Flower's ``FedAvg`` arguments, also
+        positionally, and the reply checks).
     """
 
-    # pylint: disable=too-many-arguments,too-many-positional-arguments,too-many-locals
     def __init__(
         self,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        weighted_by_key: str = "num-examples",
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
-        train_metrics_aggr_fn: (
-            Callable[[list[RecordDict], str], MetricRecord] | None
-        ) = None,
-        evaluate_metrics_aggr_fn: (
-            Callable[[list[RecordDict], str], MetricRecord] | None
-        ) = None,
-        *,
+        *args: Any,
         beta: float = 1.0,
         lambda0: float = 0.5,
         gamma: float = 0.8,
         mode: str = "convex",
         direction: int = 1,
-        loss_key: str = "train-loss-after",
-        check_finite: bool = True,
-        max_update_norm: float | None = None,
-        update_norm_factor: float | None = None,
+        loss_key: str = METRIC_TRAIN_LOSS_AFTER,
+        **kwargs: Any,
     ) -> None:
         if mode not in ("convex", "additive"):
             raise ValueError("`mode` must be 'convex' or 'additive'.")
@@ -132,28 +128,23 @@ class FedFocus(FastFedAvg):
             raise ValueError("`direction` must be 1 or -1.")
         if lambda0 < 0 or gamma < 0:
             raise ValueError("`lambda0` and `gamma` must be non-negative.")
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-            arrayrecord_key=arrayrecord_key,
-            configrecord_key=configrecord_key,
-            train_metrics_aggr_fn=train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
-            check_finite=check_finite,
-            max_update_norm=max_update_norm,
-            update_norm_factor=update_norm_factor,
-        )
+        super().__init__(*args, **kwargs)
         self.beta = beta
         self.lambda0 = lambda0
         self.gamma = gamma
         self.mode = mode
         self.direction = direction
         self.loss_key = loss_key
-        self.required_metrics = (loss_key,)
+
+    @property
+    def required_metrics(self) -> tuple[str, ...]:
+        """The loss the weights are made of."""
+        return (self.loss_key,)
+
+    @property
+    def requested_metrics(self) -> tuple[str, ...]:
+        """The loss, when it is one a site computes only on request."""
+        return (self.loss_key,) if self.loss_key in OPTIONAL_TRAIN_METRICS else ()
 
     @classmethod
     def fedmix(cls, **kwargs: Any) -> FedFocus:

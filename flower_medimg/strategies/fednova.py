@@ -6,21 +6,54 @@ github.com/JYWa/FedNova (distoptim/FedNova.py)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from flower_medimg.core.protocol import (
+    CONFIG_PROXIMAL_MU,
+    METRIC_LOCAL_STEPS,
+    METRIC_NOVA_A,
+)
+
 from .fast_fedavg import FastFedAvg
-from .kernels import fednova_coefficients, weighted_sum
+from .kernels import weighted_sum
 from .quality import ScreenedReplies
 
-KEY_NOVA_A = "nova-a"
-KEY_LOCAL_STEPS = "local-steps"
-KEY_PROXIMAL_MU = "proximal-mu"
+__all__ = ["FedNova", "fednova_coefficients"]
+
+
+def fednova_coefficients(
+    num_examples: Sequence[float] | np.ndarray,
+    nova_a: Sequence[float] | np.ndarray,
+    local_steps: Sequence[float] | np.ndarray,
+    proximal_mu: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Return FedNova's per-client coefficients (Wang et al. 2020).
+
+    With ``p_k = n_k / N`` and ``tau_eff = sum_k p_k tau_k`` if ``proximal_mu != 0``
+    else ``sum_k p_k a_k``, the new model is
+    ``theta - sum_k c_k (theta - theta_k)`` with ``c_k = p_k tau_eff / a_k``
+    (a sum, as in the reference code, not a normalised mean).
+
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray, float]
+        ``(c, p, tau_eff)``.
+    """
+    n = np.asarray(num_examples, dtype=np.float64)
+    a = np.asarray(nova_a, dtype=np.float64)
+    tau = np.asarray(local_steps, dtype=np.float64)
+    if np.any(a <= 0):
+        raise ValueError("`nova-a` must be positive")
+    p = n / n.sum()
+    tau_eff = float(np.dot(p, tau) if proximal_mu != 0.0 else np.dot(p, a))
+    return p * tau_eff / a, p, tau_eff
 
 
 class FedNova(FastFedAvg):
@@ -45,100 +78,37 @@ class FedNova(FastFedAvg):
 
     Parameters
     ----------
-    fraction_train : float (default: 1.0)
-        Fraction of nodes used during training. In case `min_train_nodes`
-        is larger than `fraction_train * total_connected_nodes`, `min_train_nodes`
-        will still be sampled.
-    fraction_evaluate : float (default: 1.0)
-        Fraction of nodes used during validation. In case `min_evaluate_nodes`
-        is larger than `fraction_evaluate * total_connected_nodes`,
-        `min_evaluate_nodes` will still be sampled.
-    min_train_nodes : int (default: 2)
-        Minimum number of nodes used during training.
-    min_evaluate_nodes : int (default: 2)
-        Minimum number of nodes used during validation.
-    min_available_nodes : int (default: 2)
-        Minimum number of total nodes in the system.
-    weighted_by_key : str (default: "num-examples")
-        The key within each MetricRecord whose value is used as the weight when
-        computing weighted averages for both ArrayRecords and MetricRecords.
-    arrayrecord_key : str (default: "arrays")
-        Key used to store the ArrayRecord when constructing Messages.
-    configrecord_key : str (default: "config")
-        Key used to store the ConfigRecord when constructing Messages.
-    train_metrics_aggr_fn : Optional[callable] (default: None)
-        Function with signature (list[RecordDict], str) -> MetricRecord,
-        used to aggregate MetricRecords from training round replies.
-        If `None`, defaults to `aggregate_metricrecords`, which performs a weighted
-        average using the provided weight factor key.
-    evaluate_metrics_aggr_fn : Optional[callable] (default: None)
-        Function with signature (list[RecordDict], str) -> MetricRecord,
-        used to aggregate MetricRecords from training round replies.
-        If `None`, defaults to `aggregate_metricrecords`, which performs a weighted
-        average using the provided weight factor key.
     proximal_mu : float (default: 0.0)
         FedProx term used by the clients; sent as ``proximal-mu`` in the train
         config when non-zero, and selects ``tau_eff = sum_k p_k tau_k``.
     server_momentum : float (default: 0.0)
         Server momentum factor ``beta_g`` (``gmf`` in the reference code).
-    check_finite : bool (default: True)
-        Drop replies with non-finite array values. Linear aggregators check the
-        aggregate and only search for the culprits when it is not finite.
-    max_update_norm : Optional[float] (default: None)
-        Drop replies whose update norm ``||theta_k - theta||`` exceeds this bound.
-    update_norm_factor : Optional[float] (default: None)
-        Drop replies whose update norm exceeds this factor times the round's median
-        update norm (applied with at least three replies).
+    *args, **kwargs
+        The arguments of :class:`FastFedAvg` (Flower's ``FedAvg`` arguments, also
+        positionally, and the reply checks).
     """
 
-    # pylint: disable=too-many-arguments,too-many-positional-arguments
     def __init__(
         self,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        weighted_by_key: str = "num-examples",
-        arrayrecord_key: str = "arrays",
-        configrecord_key: str = "config",
-        train_metrics_aggr_fn: (
-            Callable[[list[RecordDict], str], MetricRecord] | None
-        ) = None,
-        evaluate_metrics_aggr_fn: (
-            Callable[[list[RecordDict], str], MetricRecord] | None
-        ) = None,
-        *,
+        *args: Any,
         proximal_mu: float = 0.0,
         server_momentum: float = 0.0,
-        check_finite: bool = True,
-        max_update_norm: float | None = None,
-        update_norm_factor: float | None = None,
+        **kwargs: Any,
     ) -> None:
         if proximal_mu < 0:
             raise ValueError("`proximal_mu` must be non-negative.")
         if not 0.0 <= server_momentum < 1.0:
             raise ValueError("`server_momentum` must be in [0, 1).")
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=fraction_evaluate,
-            min_train_nodes=min_train_nodes,
-            min_evaluate_nodes=min_evaluate_nodes,
-            min_available_nodes=min_available_nodes,
-            weighted_by_key=weighted_by_key,
-            arrayrecord_key=arrayrecord_key,
-            configrecord_key=configrecord_key,
-            train_metrics_aggr_fn=train_metrics_aggr_fn,
-            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
-            check_finite=check_finite,
-            max_update_norm=max_update_norm,
-            update_norm_factor=update_norm_factor,
-        )
+        super().__init__(*args, **kwargs)
         self.proximal_mu = proximal_mu
         self.server_momentum = server_momentum
-        self.required_metrics = (KEY_NOVA_A, KEY_LOCAL_STEPS)
         self.momentum_buffer: list[np.ndarray] | None = None
         self.last_tau_eff: float | None = None
+
+    @property
+    def required_metrics(self) -> tuple[str, ...]:
+        """Each site's normaliser ``a_k`` and step count ``tau_k``."""
+        return (METRIC_NOVA_A, METRIC_LOCAL_STEPS)
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
@@ -152,23 +122,23 @@ class FedNova(FastFedAvg):
     ) -> Iterable[Message]:
         """Configure the next round of federated training."""
         if self.proximal_mu > 0:
-            config[KEY_PROXIMAL_MU] = self.proximal_mu
+            config[CONFIG_PROXIMAL_MU] = self.proximal_mu
         return super().configure_train(server_round, arrays, config, grid)
 
     def _aggregation_weights(
         self, server_round: int, screened: ScreenedReplies
     ) -> np.ndarray:
         """Return the (unnormalised) FedNova coefficients ``p_k tau_eff / a_k``."""
-        nova_a = screened.metric(KEY_NOVA_A)
+        nova_a = screened.metric(METRIC_NOVA_A)
         bad = [i for i, a in enumerate(nova_a) if a <= 0]
         if bad:
-            screened.reject(bad, [f"metric '{KEY_NOVA_A}' is <= 0" for _ in bad])
+            screened.reject(bad, [f"metric '{METRIC_NOVA_A}' is <= 0" for _ in bad])
         if not screened.accepted:
             return np.zeros(0)
         coeffs, _, tau_eff = fednova_coefficients(
             screened.metric(self.weighted_by_key),
-            screened.metric(KEY_NOVA_A),
-            screened.metric(KEY_LOCAL_STEPS),
+            screened.metric(METRIC_NOVA_A),
+            screened.metric(METRIC_LOCAL_STEPS),
             self.proximal_mu,
         )
         self.last_tau_eff = tau_eff

@@ -1,9 +1,9 @@
-"""Validation of train replies before aggregation (spec section 0.3).
+"""Screening of train replies before aggregation: one pass, every reply on its own.
 
 Every check returns a reason string (or None) so that the caller can log which node
-was dropped and why. ``screen_replies`` applies them in the order of the edge-case
-policy and reads the accepted replies' arrays in place (see ``kernels``), so the
-aggregation that follows does not parse them again:
+was dropped and why. :func:`screen_replies` applies them in this order and reads the
+accepted replies' arrays in place (see :mod:`._wire`), so the aggregation that
+follows does not parse them again:
 
 1. replies that carry an error;
 2. replies without exactly one ArrayRecord and one MetricRecord, or whose record
@@ -13,26 +13,32 @@ aggregation that follows does not parse them again:
 4. arrays: missing or extra keys, a shape or dtype differing from the global model
    (or, without one, from the most common layout among replies), a malformed
    payload;
-5. optionally (one read of each reply): non-finite array values, an update norm
-   ``||theta_k - theta||`` above an absolute bound or above a factor times the median
-   update norm.
+5. one read of each reply: its update norm ``||theta_k - theta||`` (non-finite
+   values give a non-finite norm), checked against an absolute bound and a factor
+   times the median update norm.
+
+The result, :class:`ScreenedReplies`, also describes every reply of the round
+(:meth:`ScreenedReplies.outcomes`) for the registry and the audit log.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 
-from .kernels import Layout, read_blocks, update_sq_norms
+from ._wire import Layout, read_blocks
+from .kernels import update_sq_norms
 
 __all__ = [
+    "ReplyOutcome",
     "ScreenedReplies",
     "check_metrics",
     "check_record_structure",
@@ -44,18 +50,45 @@ __all__ = [
 
 
 def node_id_of(msg: Message) -> int:
-    """Return the id of the node that sent ``msg``."""
-    return int(msg.metadata.src_node_id)
+    """Return the id of the node that sent ``msg`` (-1 if it is not readable)."""
+    try:
+        return int(msg.metadata.src_node_id)
+    except (AttributeError, TypeError, ValueError):
+        return -1
 
 
 def log_rejection(msg: Message, reason: str) -> None:
     """Log that the train reply ``msg`` is dropped and why."""
-    log(
-        WARNING,
-        "\t> Rejected train reply from node %d: %s",
-        node_id_of(msg),
-        reason,
-    )
+    log(WARNING, "\t> Rejected train reply from node %d: %s", node_id_of(msg), reason)
+
+
+@dataclass(frozen=True)
+class ReplyOutcome:
+    """One train reply, as the registry and the audit log record it.
+
+    Attributes
+    ----------
+    node_id : int
+        The sending node.
+    accepted : bool
+        Whether the reply was aggregated.
+    reason : Optional[str]
+        Why it was rejected.
+    update_norm : Optional[float]
+        ``||theta_k - theta||`` over all float arrays (None if not measured).
+    weight : Optional[float]
+        The reply's share in the aggregate (accepted replies).
+    """
+
+    node_id: int
+    accepted: bool
+    reason: str | None
+    update_norm: float | None
+    weight: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the fields as a JSON-ready dict."""
+        return asdict(self)
 
 
 def check_record_structure(msg: Message) -> str | None:
@@ -101,6 +134,7 @@ def check_update_norms(
     sq_norms: np.ndarray,
     max_update_norm: float | None = None,
     update_norm_factor: float | None = None,
+    check_finite: bool = True,
 ) -> list[str | None]:
     """Return a rejection reason (or None) per reply from its squared update norm.
 
@@ -113,7 +147,7 @@ def check_update_norms(
     reasons: list[str | None] = []
     for norm, ok in zip(norms, finite, strict=True):
         if not ok:
-            reasons.append("arrays contain non-finite values")
+            reasons.append("arrays contain non-finite values" if check_finite else None)
         elif max_update_norm is not None and norm > max_update_norm:
             reasons.append(
                 f"update norm {norm:.4g} exceeds the bound {max_update_norm:.4g}"
@@ -144,20 +178,30 @@ class ScreenedReplies:
         The MetricRecord of each accepted reply.
     columns : list[list[np.ndarray]]
         For each accepted reply, one flat array per block of ``layout``.
+    sq_norms : list[float]
+        Squared update norm of each accepted reply (w.r.t. ``reference`` if known,
+        else the squared norm of its arrays); NaN until measured.
     layout : Optional[Layout]
         Layout of the model (None if nothing was accepted).
     reference : Optional[list[np.ndarray]]
         Blocks of the global arrays the replies were trained from, if known.
     rejected : list[tuple[int, str]]
         ``(node id, reason)`` of every dropped reply (including error replies).
+    order : list[int]
+        Node id of every reply of the round, in the order received.
+    rejected_norms : dict[int, float]
+        Update norms measured for replies that were then rejected.
     """
 
     accepted: list[Message] = field(default_factory=list)
     columns: list[list[np.ndarray]] = field(default_factory=list)
+    sq_norms: list[float] = field(default_factory=list)
     layout: Layout | None = None
     reference: list[np.ndarray] | None = None
     rejected: list[tuple[int, str]] = field(default_factory=list)
     metrics: list[MetricRecord] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)
+    rejected_norms: dict[int, float] = field(default_factory=dict)
 
     def metric(self, key: str) -> np.ndarray:
         """Return a scalar metric of every accepted reply as a float64 array."""
@@ -169,31 +213,68 @@ class ScreenedReplies:
         if not drop:
             return
         for i, reason in drop.items():
+            node_id = node_id_of(self.accepted[i])
             log_rejection(self.accepted[i], reason)
-            self.rejected.append((node_id_of(self.accepted[i]), reason))
+            self.rejected.append((node_id, reason))
+            if not math.isnan(self.sq_norms[i]):
+                self.rejected_norms[node_id] = math.sqrt(max(self.sq_norms[i], 0.0))
         keep = [i for i in range(len(self.accepted)) if i not in drop]
         self.accepted = [self.accepted[i] for i in keep]
         self.columns = [self.columns[i] for i in keep]
         self.metrics = [self.metrics[i] for i in keep]
+        self.sq_norms = [self.sq_norms[i] for i in keep]
+
+    def measure(self) -> None:
+        """Measure every accepted reply's squared update norm (one read of each)."""
+        self.sq_norms = [
+            float(v) for v in update_sq_norms(self.columns, self.reference)
+        ]
 
     def data_checks(
         self,
         max_update_norm: float | None = None,
         update_norm_factor: float | None = None,
-    ) -> np.ndarray:
-        """Drop replies with non-finite arrays or too large updates.
-
-        Returns
-        -------
-        np.ndarray
-            Squared update norms (w.r.t. ``reference`` if known, else the norms of
-            the arrays) of the replies that remain.
-        """
-        sq_norms = update_sq_norms(self.columns, self.reference)
-        reasons = check_update_norms(sq_norms, max_update_norm, update_norm_factor)
+        check_finite: bool = True,
+    ) -> None:
+        """Drop replies with non-finite arrays or too large updates."""
+        reasons = check_update_norms(
+            np.asarray(self.sq_norms), max_update_norm, update_norm_factor, check_finite
+        )
         bad = [i for i, r in enumerate(reasons) if r is not None]
         self.reject(bad, [reasons[i] for i in bad])  # type: ignore[misc]
-        return np.delete(sq_norms, bad)
+
+    def outcomes(
+        self, weights: Mapping[int, float] | None = None
+    ) -> list[ReplyOutcome]:
+        """Describe every reply of the round, in the order received.
+
+        Parameters
+        ----------
+        weights : Mapping[int, float], optional
+            The aggregation weight of each accepted node; by default each accepted
+            reply's share of the summed weighting metric is not known and None is
+            recorded.
+        """
+        accepted_norms = {
+            node_id_of(msg): math.sqrt(max(sq, 0.0))
+            for msg, sq in zip(self.accepted, self.sq_norms, strict=True)
+            if not math.isnan(sq)
+        }
+        reasons = dict(self.rejected)
+        outcomes = []
+        for node_id in self.order:
+            accepted = node_id not in reasons
+            norm = accepted_norms.get(node_id, self.rejected_norms.get(node_id))
+            outcomes.append(
+                ReplyOutcome(
+                    node_id=node_id,
+                    accepted=accepted,
+                    reason=None if accepted else reasons[node_id],
+                    update_norm=norm,
+                    weight=(weights or {}).get(node_id) if accepted else None,
+                )
+            )
+        return outcomes
 
 
 def _majority(values: list) -> object:
@@ -220,7 +301,7 @@ def screen_replies(
     max_update_norm: float | None = None,
     update_norm_factor: float | None = None,
 ) -> ScreenedReplies:
-    """Validate train replies and read the accepted ones (spec section 0.3).
+    """Validate train replies and read the accepted ones.
 
     Parameters
     ----------
@@ -236,8 +317,7 @@ def screen_replies(
     required_metrics : Sequence[str] (default: ())
         Further metrics a reply must carry as finite scalars.
     check_finite : bool (default: True)
-        Read every reply once to reject non-finite arrays (needed for the norm
-        bounds, which imply it).
+        Reject replies with non-finite array values.
     max_update_norm : Optional[float] (default: None)
         Reject replies whose update norm exceeds this bound.
     update_norm_factor : Optional[float] (default: None)
@@ -247,10 +327,11 @@ def screen_replies(
     Returns
     -------
     ScreenedReplies
-        Accepted replies (with their arrays read in place) and rejected node ids.
+        Accepted replies (with their arrays read in place and their update norms)
+        and rejected node ids.
     """
     replies = list(replies)
-    screened = ScreenedReplies()
+    screened = ScreenedReplies(order=[node_id_of(msg) for msg in replies])
     candidates: list[Message] = []
     num_errors = 0
     for msg in replies:
@@ -280,10 +361,9 @@ def screen_replies(
         records.append(
             (msg, array_name, arrays[array_name], metric_name, metrics[metric_name])
         )
-    # Record names and metric key sets must agree (Flower's consistency rules)
+    # Record names must agree (Flower's consistency rules)
     array_name = _majority([r[1] for r in records])
     metric_name = _majority([r[3] for r in records])
-    metric_keys = _majority([frozenset(r[4].keys()) for r in records])
     layout: Layout | None = None
     if reference is not None:
         try:
@@ -300,14 +380,25 @@ def screen_replies(
                 log(WARNING, "aggregate_train: unusable arrays: %s", err)
     screened.layout = layout
 
-    for msg, name, record, metrics_name, metrics in records:
-        reason = None
+    reasons: list[str | None] = []
+    for _, name, _, metrics_name, metrics in records:
         if name != array_name:
-            reason = f"ArrayRecord is named '{name}', expected '{array_name}'"
+            reasons.append(f"ArrayRecord is named '{name}', expected '{array_name}'")
         elif metrics_name != metric_name:
-            reason = f"MetricRecord is named '{metrics_name}', expected '{metric_name}'"
+            reasons.append(
+                f"MetricRecord is named '{metrics_name}', expected '{metric_name}'"
+            )
         else:
-            reason = check_metrics(metrics, weighted_by_key, required_metrics)
+            reasons.append(check_metrics(metrics, weighted_by_key, required_metrics))
+    # metric key sets must agree too: the majority among the replies that passed
+    metric_keys = _majority(
+        [
+            frozenset(r[4].keys())
+            for r, why in zip(records, reasons, strict=True)
+            if why is None
+        ]
+    )
+    for (msg, _, record, _, metrics), reason in zip(records, reasons, strict=True):
         if reason is None and frozenset(metrics.keys()) != metric_keys:
             missing = sorted(metric_keys - set(metrics.keys()))  # type: ignore[operator]
             extra = sorted(set(metrics.keys()) - metric_keys)  # type: ignore[operator]
@@ -335,8 +426,6 @@ def screen_replies(
         except ValueError as err:
             log(WARNING, "aggregate_train: cannot read the global arrays: %s", err)
 
-    if screened.accepted and (
-        check_finite or max_update_norm is not None or update_norm_factor is not None
-    ):
-        screened.data_checks(max_update_norm, update_norm_factor)
+    screened.measure()
+    screened.data_checks(max_update_norm, update_norm_factor, check_finite)
     return screened

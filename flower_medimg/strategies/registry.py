@@ -9,6 +9,8 @@ from typing import Any
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import Strategy
 
+from flower_medimg.core.settings import SettingsError
+
 from .cyclic import CyclicIncremental
 from .dos import DistanceOutlierSuppression
 from .fast_fedavg import FastFedAvg
@@ -47,14 +49,51 @@ STRATEGIES: dict[str, type[Strategy]] = {
 SELF_CHECKING: tuple[type[Strategy], ...] = (FastFedAvg,)
 
 
+def _constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """Named constructor parameters of ``cls`` and of the classes it passes on to.
+
+    A constructor that takes ``*args``/``**kwargs`` hands them to its bases, so
+    their parameters count too (in method resolution order, nearest first).
+    """
+    found: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        passes_on = False
+        for name, spec in inspect.signature(klass.__init__).parameters.items():
+            if spec.kind in (spec.VAR_POSITIONAL, spec.VAR_KEYWORD):
+                passes_on = True
+            elif name != "self":
+                found.setdefault(name, spec)
+        if not passes_on:
+            break
+    return found
+
+
 def strategy_parameters(name: str) -> list[str]:
     """Return the constructor parameters of ``name`` in run-config spelling."""
-    signature = inspect.signature(_strategy_class(name).__init__)
-    return [
-        p.replace("_", "-")
-        for p, spec in signature.parameters.items()
-        if p != "self" and spec.kind is not inspect.Parameter.VAR_KEYWORD
-    ]
+    return [p.replace("_", "-") for p in _constructor_parameters(_strategy_class(name))]
+
+
+def _coerced(strategy: str, key: str, value: Any, spec: inspect.Parameter) -> Any:
+    """Convert a run-config value to the type of the parameter's default."""
+    default = spec.default
+    if default is inspect.Parameter.empty or default is None:
+        return value
+    kind = type(default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind in (int, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = ok and (kind is float or float(value).is_integer())
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise SettingsError(
+            f"run config strategy.{key} = {value!r} is not valid: {strategy}'s "
+            f"parameter {spec.name} takes a {kind.__name__} (default {default!r})"
+        )
+    return kind(value)
 
 
 def build_strategy(
@@ -85,17 +124,19 @@ def build_strategy(
         the strategy's valid parameters).
     """
     cls = _strategy_class(name)
-    valid = strategy_parameters(name)
+    parameters = _constructor_parameters(cls)
+    valid = [p.replace("_", "-") for p in parameters]
     kwargs: dict[str, Any] = {}
     for key, value in (params or {}).items():
-        if key not in valid:
+        python_name = key.replace("-", "_")
+        if python_name not in parameters:
             raise ValueError(
                 f"Strategy {name!r} has no parameter {key!r}; valid parameters: "
                 f"{', '.join(valid)}"
             )
-        kwargs[key.replace("-", "_")] = value
+        kwargs[python_name] = _coerced(name, key, value, parameters[python_name])
     for key, value in code_params.items():
-        if key.replace("_", "-") in valid:
+        if key in parameters:
             kwargs.setdefault(key, value)
     return cls(**kwargs)
 

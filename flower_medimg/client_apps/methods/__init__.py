@@ -22,35 +22,20 @@ would have to carry) and forward passes of the previous local model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import nn
 
-from flower_medimg.config import DEFAULTS
+from flower_medimg.core.settings import Settings
 
 from .class_weights import balanced_class_weights, class_counts, weighted_loss
 from .fedmax import fedmax_penalty, fedmax_term
 from .fedprox import proximal_mu, proximal_penalty, proximal_term
-from .harmofl import (
-    AMP_NORM,
-    AmpNorm,
-    amp_norms,
-    amplitude_normalize,
-    attach_amp_norm,
-    perturbed_step,
-)
+from .harmofl import perturbed_step
 
 __all__ = [
-    "AMP_NORM",
-    "METHODS",
-    "AmpNorm",
     "ClientMethods",
-    "amp_norms",
-    "amplitude_normalize",
-    "attach_amp_norm",
     "balanced_class_weights",
     "class_counts",
     "combine_penalties",
@@ -62,16 +47,6 @@ __all__ = [
     "proximal_term",
     "weighted_loss",
 ]
-
-#: Names accepted in the run config's ``method.names``.
-METHODS = ("harmofl", "class-weights", "fedmax")
-
-
-def _dp_on(config: Mapping[str, Any]) -> bool:
-    return bool(
-        float(config.get("dp.noise-multiplier", 0))
-        or float(config.get("dp.target-epsilon", 0))
-    )
 
 
 @dataclass(frozen=True)
@@ -105,58 +80,34 @@ class ClientMethods:
     fedmax_beta: float = 1000.0
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> ClientMethods:
-        """Read ``method.*`` from a resolved run config.
+    def from_settings(cls, settings: Settings) -> ClientMethods:
+        """Read ``method.*`` from the run's settings.
 
         Raises
         ------
         ValueError
-            For an unknown method name (the valid ones are listed), a negative
-            HarmoFL setting, or a method that cannot run under DP-SGD.
+            For a method that cannot run under DP-SGD.
         """
-        config = {**DEFAULTS, **config}  # a run saved before these keys existed
-        names = [n.strip().lower() for n in str(config["method.names"]).split(",")]
-        names = [n for n in names if n and n != "none"]
-        unknown = [n for n in names if n not in METHODS]
-        if unknown:
-            raise ValueError(
-                f"Unknown client method {unknown[0]!r} in method.names; valid "
-                f"methods: {', '.join(METHODS)} (FedProx is on whenever the strategy "
-                "sends proximal-mu)"
-            )
-        methods = cls(
-            harmofl="harmofl" in names,
-            class_weights="class-weights" in names,
-            harmofl_window=float(config["method.harmofl-window"]),
-            harmofl_momentum=float(config["method.harmofl-momentum"]),
-            harmofl_alpha=float(config["method.harmofl-alpha"]),
-            fedmax="fedmax" in names,
-            fedmax_beta=float(config["method.fedmax-beta"]),
-        )
-        if methods.harmofl_alpha < 0:
-            raise ValueError(
-                f"method.harmofl-alpha must be >= 0, got {methods.harmofl_alpha}"
-            )
-        if names and _dp_on(config):
+        names = settings.client_methods
+        if names and settings.dp_sgd:
             raise ValueError(
                 f"Client methods {', '.join(names)} cannot run with DP-SGD: their "
                 "extra passes and data statistics are outside Opacus's accounting"
             )
-        return methods
+        return cls(
+            harmofl="harmofl" in names,
+            class_weights="class-weights" in names,
+            harmofl_window=settings["method.harmofl-window"],
+            harmofl_momentum=settings["method.harmofl-momentum"],
+            harmofl_alpha=settings["method.harmofl-alpha"],
+            fedmax="fedmax" in names,
+            fedmax_beta=settings["method.fedmax-beta"],
+        )
 
     @property
     def perturbation(self) -> float:
         """Weight-perturbation radius used by the local loop (0 = plain steps)."""
         return self.harmofl_alpha if self.harmofl else 0.0
-
-    def adapt_model(self, model: nn.Module, config: Mapping[str, Any]) -> nn.Module:
-        """Add what the methods need to the network (HarmoFL's :class:`AmpNorm`)."""
-        if not self.harmofl:
-            return model
-        size = int(config["data.image-size"])
-        spatial = (size,) * int(config["model.spatial-dims"])
-        amp_norm = AmpNorm(1, spatial, self.harmofl_window, self.harmofl_momentum)
-        return attach_amp_norm(model, amp_norm)
 
 
 def combine_penalties(

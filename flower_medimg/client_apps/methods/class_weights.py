@@ -4,7 +4,7 @@ Qu, Balachandar and Rubin, "An Experimental Study of Data Heterogeneity in
 Federated Learning Methods for Medical Imaging", 2021,
 https://arxiv.org/abs/2107.08371: a weighted loss counters label skew. The exact
 weighting is not published; we use the standard "balanced" inverse frequency of
-the *local* counts (our reconstruction, ``algorithms.md`` §1.10b):
+the *local* counts (our reconstruction):
 ``w_c = n / (C * n_c)``. The counts never leave the site.
 
 For classification the weights go into cross-entropy, whose weighted mean is

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from flower_medimg.core import protocol
+
 __all__ = ["proximal_mu", "proximal_penalty", "proximal_term"]
 
 
@@ -58,10 +60,14 @@ def proximal_mu(train_config: dict) -> float:
     ValueError
         If ``proximal-mu`` is negative or not finite.
     """
-    mu = float(train_config.get("proximal-mu", 0.0))
-    if not (math.isfinite(mu) and mu >= 0.0):
-        raise ValueError(f"proximal-mu must be a finite number >= 0, got {mu}")
-    return mu
+    mu = train_config.get(protocol.CONFIG_PROXIMAL_MU, 0.0)
+    if (
+        isinstance(mu, bool)
+        or not isinstance(mu, int | float)
+        or not (math.isfinite(mu) and mu >= 0.0)
+    ):
+        raise ValueError(f"proximal-mu must be a finite number >= 0, got {mu!r}")
+    return float(mu)
 
 
 def proximal_penalty(

@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-__all__ = ["PRIVATE_RULES", "private_keys", "split_state"]
+__all__ = ["PRIVATE_RULES", "load_shared_state", "private_keys", "split_state"]
 
 PRIVATE_RULES = ("none", "head", "norm", "head+norm")
 
@@ -109,3 +109,31 @@ def split_state(
     shared = {k: v for k, v in state.items() if k not in private}
     own = {k: v for k, v in state.items() if k in private}
     return shared, own
+
+
+def load_shared_state(
+    model: nn.Module, shared: Mapping[str, torch.Tensor], rule: str
+) -> nn.Module:
+    """Load the shared part of a model's weights, strictly, into ``model``.
+
+    A global model trained with private parameters holds every key except the
+    private ones (they never left the sites); those keep ``model``'s values.
+
+    Raises
+    ------
+    ValueError
+        If ``shared`` lacks a shared key, holds a private key or a key the network
+        does not have (the message lists them).
+    """
+    private = set(private_keys(model, rule))
+    expected = set(model.state_dict()) - private
+    missing = sorted(expected - set(shared))
+    unexpected = sorted(set(shared) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"The weights do not hold the shared parameters of "
+            f"{type(model).__name__} (private-params={rule!r}): missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.load_state_dict(dict(shared), strict=not private)
+    return model

@@ -11,17 +11,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from functools import reduce
+from typing import TYPE_CHECKING
 
 import torch
 from monai.networks import nets
-from opacus.validators import ModuleValidator
+
+from .amp_norm import AmpNorm, attach_amp_norm
+from .quiet_imports import root_logger_kept
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 __all__ = [
     "CLASSIFICATION_MODELS",
     "NORMS",
     "SEGMENTATION_MODELS",
     "build_model",
-    "model_from_config",
+    "model_from_settings",
     "parse_channels",
 ]
 
@@ -223,37 +229,37 @@ def build_model(
     )
 
 
-def model_from_config(config: dict) -> torch.nn.Module:
-    """Build the network described by a resolved run config (dotted keys).
+def model_from_settings(settings: Settings) -> torch.nn.Module:
+    """Build the network that a run's settings describe.
 
     The weights are initialised from the run's ``seed``, so the ServerApp and every
     ClientApp build the same initial model (private parameters start from the same
     values everywhere). With DP-SGD on, layers Opacus cannot handle are replaced
-    (BatchNorm becomes GroupNorm) on both sides. Client-side methods that change the
-    network (HarmoFL's input amplitude normalisation, ``method.names``) are added
-    here too, so the server's global model has the same keys as the sites'.
+    (BatchNorm becomes GroupNorm) on both sides. HarmoFL (``method.names``) puts
+    its amplitude normalisation in front of the network on both sides too, so the
+    server's global model has the same keys as the sites'.
     """
-    # imported here: the client_apps package imports this module
-    from flower_medimg.client_apps.methods import ClientMethods
-
-    task = config["task"]
-    out_channels = config["data.num-classes"] if task == "classification" else 2
     with torch.random.fork_rng():
-        torch.manual_seed(int(config["seed"]))
-        model = _build_from_config(config, task, int(out_channels))
-    if float(config.get("dp.noise-multiplier", 0)) or float(
-        config.get("dp.target-epsilon", 0)
-    ):
+        torch.manual_seed(settings["seed"])
+        model = build_model(
+            settings["task"],
+            settings["model.name"],
+            spatial_dims=settings["model.spatial-dims"],
+            out_channels=settings.num_classes,
+            norm=settings["model.norm"],
+            channels=settings["model.channels"],
+        )
+    if settings.dp_sgd:
+        with root_logger_kept():
+            from opacus.validators import ModuleValidator
         model = ModuleValidator.fix(model)
-    return ClientMethods.from_config(config).adapt_model(model, config)
-
-
-def _build_from_config(config: dict, task: str, out_channels: int) -> torch.nn.Module:
-    return build_model(
-        task,
-        config["model.name"],
-        spatial_dims=int(config["model.spatial-dims"]),
-        out_channels=int(out_channels),
-        norm=config["model.norm"],
-        channels=config["model.channels"],
-    )
+    if "harmofl" in settings.client_methods:
+        spatial = (settings["data.image-size"],) * settings["model.spatial-dims"]
+        amp_norm = AmpNorm(
+            1,
+            spatial,
+            settings["method.harmofl-window"],
+            settings["method.harmofl-momentum"],
+        )
+        model = attach_amp_norm(model, amp_norm)
+    return model

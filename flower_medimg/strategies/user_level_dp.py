@@ -26,7 +26,7 @@ that add what Flower's leave out:
 
 Flower's adaptive-clipping wrappers are deliberately not offered: flwr 1.42 moves
 the clipping norm in the opposite direction to Andrew et al.,
-https://arxiv.org/abs/1905.03871 (spec section 1.6).
+https://arxiv.org/abs/1905.03871.
 
 Metrics travel in clear text and are not covered by the guarantee.
 """
@@ -50,11 +50,15 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
 
+from flower_medimg.core import protocol
+
+from ._wire import cast_to_dtype
 from .accounting import UserLevelAccountant
+from .chain import strategy_chain
+from .fast_fedavg import FastFedAvg
+from .kernels import update_sq_norms
 
 __all__ = [
-    "KEY_USER_DELTA",
-    "KEY_USER_EPSILON",
     "UNIFORM_WEIGHT_KEY",
     "UserLevelDPClientSideFixedClipping",
     "UserLevelDPServerSideFixedClipping",
@@ -63,12 +67,8 @@ __all__ = [
     "uniform_weighting_problem",
 ]
 
-#: Round metric: cumulative user-level ε of the released global models.
-KEY_USER_EPSILON = "user-epsilon"
-#: Round metric: the δ that ``user-epsilon`` holds for.
-KEY_USER_DELTA = "user-delta"
 #: Constant per-reply metric (= 1) that makes ``FedAvg`` average uniformly.
-UNIFORM_WEIGHT_KEY = "unit-weight"
+UNIFORM_WEIGHT_KEY = protocol.METRIC_UNIT_WEIGHT
 
 # Relative slack when checking that a client clipped its own update.
 _CLIP_TOLERANCE = 1e-6
@@ -100,21 +100,17 @@ def clip_update(
     """
     if len(arrays) != len(reference):
         raise ValueError(f"{len(arrays)} arrays against {len(reference)} references")
-    updates = [
-        np.asarray(a, dtype=np.float64) - np.asarray(r, dtype=np.float64)
-        for a, r in zip(arrays, reference, strict=True)
-    ]
-    norm = math.sqrt(sum(float(np.vdot(u, u)) for u in updates))
+    flat = [np.ravel(np.asarray(a)) for a in arrays]
+    flat_ref = [np.ravel(np.asarray(r)) for r in reference]
+    norm = math.sqrt(float(update_sq_norms([flat], flat_ref)[0]))
     if norm <= clipping_norm or norm == 0.0:
         return [np.asarray(a) for a in arrays], norm
     factor = clipping_norm / norm
     clipped = []
-    for array, ref, update in zip(arrays, reference, updates, strict=True):
-        value = np.asarray(ref, dtype=np.float64) + update * factor
-        dtype = np.asarray(array).dtype
-        if not np.issubdtype(dtype, np.floating):
-            value = np.rint(value)
-        clipped.append(value.astype(dtype))
+    for array, ref in zip(arrays, reference, strict=True):
+        array, ref = np.asarray(array), np.asarray(ref, dtype=np.float64)
+        value = ref + (array.astype(np.float64) - ref) * factor
+        clipped.append(cast_to_dtype(value, array.dtype))
     return clipped, norm
 
 
@@ -123,13 +119,9 @@ def _plain_mean(strategy: FedAvg) -> bool:
     cls = type(strategy)
     if cls.aggregate_train is FedAvg.aggregate_train:
         return True
-    try:
-        from flower_medimg.strategies.fast_fedavg import FastFedAvg
-    except ImportError:  # pragma: no cover - the strategies package is optional here
-        return False
     return isinstance(strategy, FastFedAvg) and all(
         getattr(cls, name, None) is getattr(FastFedAvg, name, None)
-        for name in ("aggregate_train", "_aggregation_weights", "_combine")
+        for name in ("aggregate_screened", "_aggregation_weights", "_combine")
     )
 
 
@@ -159,10 +151,7 @@ def uniform_weighting_problem(strategy: Strategy) -> tuple[str | None, str | Non
         unweighted mean; ``weight_key`` is the metric that must then be constant
         (``None`` if the strategy declared itself uniform).
     """
-    level: object = strategy
-    seen: set[int] = set()
-    while id(level) not in seen:
-        seen.add(id(level))
+    for level in strategy_chain(strategy):
         name = type(level).__name__
         declared = getattr(level, "data_dependent_weights", None)
         if declared is True:
@@ -186,13 +175,10 @@ def uniform_weighting_problem(strategy: Strategy) -> tuple[str | None, str | Non
                     None,
                 )
             return None, key
-        inner = getattr(level, "strategy", None)
-        if not isinstance(inner, Strategy):
-            break
-        level = inner
+    innermost = type(strategy_chain(strategy)[-1]).__name__
     return (
-        f"{type(level).__name__} is not a FedAvg-family strategy, so its aggregate "
-        "is not known to be an unweighted mean",
+        f"{innermost} is not a FedAvg-family strategy, so its aggregate is not "
+        "known to be an unweighted mean",
         None,
     )
 
@@ -335,8 +321,8 @@ class _UserLevelMixin:
             self.user_accountant.num_releases,
         )
         metrics = MetricRecord() if metrics is None else metrics
-        metrics[KEY_USER_EPSILON] = epsilon
-        metrics[KEY_USER_DELTA] = self.user_accountant.delta
+        metrics[protocol.ROUND_USER_EPSILON] = epsilon
+        metrics[protocol.ROUND_USER_DELTA] = self.user_accountant.delta
         return metrics
 
     def _log_user_level(self) -> None:

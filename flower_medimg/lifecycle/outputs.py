@@ -4,7 +4,8 @@ Files in ``<output-dir>/<run-name>/``:
 
 ``global_model.pt``
     The final global model as a PyTorch ``state_dict`` (loads straight into the
-    MONAI network that :func:`flower_medimg.models.model_from_config` builds).
+    MONAI network that :func:`flower_medimg.core.models.model_from_settings`
+    builds; with ``private-params`` it holds the shared parameters only).
 ``config.json``
     The resolved run config.
 ``metrics.json``
@@ -29,7 +30,10 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from flower_medimg.models import model_from_config
+from flower_medimg.core import protocol
+from flower_medimg.core.models import model_from_settings
+from flower_medimg.core.private_params import load_shared_state
+from flower_medimg.core.settings import resolve_settings
 
 __all__ = ["RoundRecorder", "load_global_model", "make_run_dir", "write_outputs"]
 
@@ -87,8 +91,8 @@ class RoundRecorder:
 
 def _without_site_ids(metrics: MetricRecord) -> MetricRecord:
     """Drop ``partition-id``: the sites' ids are recorded per site, never averaged."""
-    if "partition-id" in metrics:
-        del metrics["partition-id"]
+    if protocol.METRIC_PARTITION_ID in metrics:
+        del metrics[protocol.METRIC_PARTITION_ID]
     return metrics
 
 
@@ -158,9 +162,14 @@ def _write_csv(path: Path, rounds: list[dict[str, Any]]) -> None:
 
 
 def load_global_model(run_dir: str | Path) -> torch.nn.Module:
-    """Rebuild the MONAI network of a finished run and load its final weights."""
+    """Rebuild the MONAI network of a finished run and load its final weights.
+
+    For a run with ``private-params`` the file holds the shared parameters only;
+    the private ones (a FLOP head, FedBN norms) stay at their initial values, as
+    they never left the sites.
+    """
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    model = model_from_config(config)
-    model.load_state_dict(torch.load(run_dir / "global_model.pt", weights_only=True))
-    return model
+    settings = resolve_settings(json.loads((run_dir / "config.json").read_text()))
+    model = model_from_settings(settings)
+    state = torch.load(run_dir / "global_model.pt", weights_only=True)
+    return load_shared_state(model, state, settings["private-params"])

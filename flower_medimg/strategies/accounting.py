@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from opacus.accountants import RDPAccountant
+from flower_medimg.core.quiet_imports import root_logger_kept
 
 __all__ = ["UserLevelAccountant", "user_level_epsilon"]
 
@@ -42,6 +42,9 @@ def user_level_epsilon(
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
+    with root_logger_kept():
+        from opacus.accountants import RDPAccountant  # Opacus only when DP is on
+
     accountant = RDPAccountant()
     accountant.history = [(float(noise_multiplier), 1.0, int(num_releases))]
     return float(accountant.get_epsilon(delta=delta))
