@@ -6,10 +6,12 @@
     Run a secure federation (TLS, SuperNode authentication) on this machine.
 ``flower-medimg federation certs|keygen``
     Make the TLS certificates and SuperNode keys of a real deployment.
-``flower-medimg registry list|show|compare|export``
-    Inspect the model registry and export a version with its model card.
+``flower-medimg registry list|show|compare|export|verify``
+    Inspect the model registry, export a version with its model card, check every
+    record's signature and file.
 ``flower-medimg audit verify LOG``
-    Verify a run's hash-chained audit log; report the first tampered line.
+    Verify a run's signed, hash-chained audit log against the registry's head;
+    report the first tampered line.
 """
 
 from __future__ import annotations

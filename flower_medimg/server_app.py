@@ -31,10 +31,16 @@ from flower_medimg.core import protocol
 from flower_medimg.core.device import device
 from flower_medimg.core.models import model_from_settings
 from flower_medimg.core.private_params import private_keys, split_state
-from flower_medimg.core.settings import Settings, check_values, resolve_settings
+from flower_medimg.core.settings import (
+    BUNDLE_TASK,
+    Settings,
+    check_values,
+    resolve_settings,
+)
 from flower_medimg.core.tasks import get_task
 from flower_medimg.data import central_test_dataset
 from flower_medimg.lifecycle import run_lifecycle
+from flower_medimg.lifecycle.driver import LifecycleError
 from flower_medimg.lifecycle.node_deadline import NodeDeadlineGrid
 from flower_medimg.lifecycle.outputs import RoundRecorder, make_run_dir, write_outputs
 from flower_medimg.strategies import QualityGate, make_user_level_dp
@@ -72,20 +78,32 @@ def build_gated_strategy(settings: Settings, recorder: RoundRecorder) -> Strateg
     """
     params = settings.section("strategy")
     gate_on = settings["gate.enabled"]
-    bounds = {
-        "max_update_norm": settings["gate.max-update-norm"] or None,
-        "update_norm_factor": settings["gate.update-norm-factor"] or None,
-    }
+    checks = screening_parameters(settings) if gate_on else {"check_finite": False}
     strategy = build_strategy(
         params.pop("name"),
         params,
         train_metrics_aggr_fn=recorder.train,
         evaluate_metrics_aggr_fn=recorder.evaluate,
-        **(bounds if gate_on else {"check_finite": False}),
+        max_steps_per_example=settings["train.local-epochs"],  # FedNova's bound
+        **checks,
     )
     if gate_on and not isinstance(strategy, SELF_CHECKING):
-        strategy = QualityGate(strategy, **bounds)
+        strategy = QualityGate(strategy, **checks)
     return strategy
+
+
+def screening_parameters(settings: Settings) -> dict[str, Any]:
+    """Return the reply checks of ``gate.*`` as strategy and gate keyword arguments."""
+    min_cosine = settings["gate.min-cosine"]
+    max_share = settings["gate.max-weight-share"]
+    return {
+        "max_update_norm": settings["gate.max-update-norm"] or None,
+        "update_norm_factor": settings["gate.update-norm-factor"] or None,
+        "min_cosine": None if min_cosine <= -1 else min_cosine,
+        "max_abs_value": settings["gate.max-abs-value"] or None,
+        "max_num_examples": settings["gate.max-num-examples"] or None,
+        "max_weight_share": None if max_share >= 1 else max_share,
+    }
 
 
 def _with_user_level_dp(
@@ -127,15 +145,37 @@ def _train_config(settings: Settings) -> ConfigRecord:
     return config
 
 
+def initial_model(settings: Settings) -> torch.nn.Module:
+    """Return the run's initial global model (a bundle's own network with ``bundle``).
+
+    With ``task = "bundle"`` the network is built from the bundle's ``network_def``
+    (and its shipped ``models/model.pt``) without running the bundle's code, see
+    :func:`flower_medimg.core.bundle.bundle_model`.
+    """
+    if settings["task"] == BUNDLE_TASK:
+        from flower_medimg.core.bundle import bundle_model
+
+        return bundle_model(settings)
+    return model_from_settings(settings)
+
+
 def run_experiment(grid: Grid, context: Context, settings: Settings) -> dict:
     """Run one federated experiment and write its outputs; return the summary."""
-    recorder = RoundRecorder()
+    recorder = RoundRecorder(
+        max_weight_share=screening_parameters(settings)["max_weight_share"]
+    )
     strategy = build_gated_strategy(settings, recorder)  # a bad parameter fails now
-    model = model_from_settings(settings)
+    model = initial_model(settings)
     private = private_keys(model, settings["private-params"])
     shared, _ = split_state(model.state_dict(), private)
     initial_arrays = ArrayRecord(shared)
-    if settings["central-eval"] and private:
+    if settings["central-eval"] and settings["task"] == BUNDLE_TASK:
+        log(
+            INFO,
+            "flower-medimg: central evaluation skipped: the server does not run a "
+            "bundle's code (task=bundle); see the sites' evaluation",
+        )
+    elif settings["central-eval"] and private:
         log(
             INFO,
             "flower-medimg: central evaluation skipped: the global model has no "
@@ -177,6 +217,8 @@ def run_experiment(grid: Grid, context: Context, settings: Settings) -> dict:
     }
     summary["best-round"] = outcome.best_round
     summary["registry-run"] = outcome.registry_run
+    if outcome.error is not None:  # the outputs are written: now fail loudly
+        raise LifecycleError(outcome.error)
     return summary
 
 

@@ -1,14 +1,21 @@
 """Robust aggregation under attack, in Flower's Ray simulation, in one run.
 
-8 synthetic sites (2D segmentation). Part 1: 2 of them send a scaled sign-flipped
-update (``-3x``); final central Dice of FedAvg, FedMedian, Krum and
-DistanceOutlierSuppression next to FedAvg without attackers, and FedAvg and DOS with
-the quality gate's update-norm bound (2x the round's median). Part 2: 1 site sends
-NaN; Flower's FedAvg behind our quality gate vs plain Flower FedAvg.
+Synthetic sites (2D segmentation), final central Dice (held-out patients).
+
+``--part default`` (the trust evidence): the **default** run config with 3 and with
+8 sites, one hostile site each time: a sign-flipped update (-3x), Gaussian weights,
+values of 1e15, ``num-examples = 1e9``, a loss lie (FedCostWAvg), a ``nova-a`` lie
+(FedNova); each as a share of the same strategy's clean default run, and the clean
+default run next to the gate switched off.
+
+``--part strategies``: 8 sites, 2 of them send a sign-flipped update; FedAvg,
+FedMedian, Krum and DistanceOutlierSuppression next to FedAvg without attackers, and
+FedAvg and DOS with the update-norm bound; then 1 site sends NaN, Flower's FedAvg
+behind the gate vs plain Flower FedAvg.
 
 Usage::
 
-    python sim/robustness.py --rounds 5
+    python sim/robustness.py --part default --rounds 5
 """
 
 from __future__ import annotations
@@ -25,23 +32,24 @@ from flwr.simulation import run_simulation
 
 from flower_medimg.client_apps import make_client_app
 from flower_medimg.server_app import make_server_app
+from flower_medimg.simulation import backend_config
 
 warnings.filterwarnings("ignore")
 
 SITES = 8
 
 
-def simulate(overrides: dict) -> tuple[dict, dict]:
+def simulate(overrides: dict, sites: int = SITES) -> tuple[dict, dict]:
     """Run one federation; return its metrics summary and final global state."""
-    config = {"data.num-sites": SITES, **overrides}
+    config = {"data.num-sites": sites, **overrides}
     with tempfile.TemporaryDirectory() as out:
         run_simulation(
             server_app=make_server_app(
                 **{**config, "output-dir": out, "registry.path": f"{out}/registry"}
             ),
             client_app=make_client_app(**config),
-            num_supernodes=SITES,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+            num_supernodes=sites,
+            backend_config=backend_config(),
         )
         (run_dir,) = Path(out).glob("run-*")
         summary = json.loads((run_dir / "metrics.json").read_text())
@@ -53,11 +61,63 @@ def final_dice(summary: dict) -> float:
     return summary["rounds"][-1]["central"].get("dice", math.nan)
 
 
+#: One hostile site under the default run config: (row, strategy, attack).
+DEFAULT_PROBES = (
+    ("sign-flip (-3x)", "fedavg", "sign-flip"),
+    ("Gaussian weights", "fedavg", "gaussian"),
+    ("values of 1e15", "fedavg", "huge"),
+    ("num-examples = 1e9", "fedavg", "num-examples-lie"),
+    ("loss lie (FedCostWAvg)", "fedcostwavg", "loss-lie"),
+    ("nova-a lie (FedNova)", "fednova", "nova-a-lie"),
+)
+
+
+def default_part(rounds: int, samples_per_site: int) -> None:
+    """The default run config against one hostile site of 3 and of 8."""
+    for sites in (3, 8):
+        base = {
+            "num-server-rounds": rounds,
+            "data.samples-per-site": samples_per_site,
+            "strategy.min-available-nodes": sites,
+            "strategy.min-train-nodes": sites,
+        }
+        print(f"\n== default run config, {sites} sites, {rounds} rounds ==")
+        clean = {
+            name: final_dice(simulate({**base, "strategy.name": name}, sites)[0])
+            for name in sorted({strategy for _, strategy, _ in DEFAULT_PROBES})
+        }
+        gate_off = final_dice(simulate({**base, "gate.enabled": False}, sites)[0])
+        print(f"{'clean, default (FedAvg)':34s} Dice {clean['fedavg']:.4f}")
+        print(
+            f"{'clean, gate off':34s} Dice {gate_off:.4f}  (default = "
+            f"{clean['fedavg'] / gate_off:.1%} of gate off)"
+        )
+        for row, strategy, attack in DEFAULT_PROBES:
+            summary, _ = simulate(
+                {
+                    **base,
+                    "strategy.name": strategy,
+                    "attack.kind": attack,
+                    "attack.sites": "0",
+                },
+                sites,
+            )
+            dice = final_dice(summary)
+            print(
+                f"{row:34s} Dice {dice:.4f}  ({dice / clean[strategy]:.1%} of clean "
+                f"{strategy})"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("default", "strategies"), default="default")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--samples-per-site", type=int, default=24)
     args = parser.parse_args()
+    if args.part == "default":
+        default_part(args.rounds, args.samples_per_site)
+        return
     base = {
         "num-server-rounds": args.rounds,
         "data.samples-per-site": args.samples_per_site,

@@ -4,6 +4,7 @@ import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
 from flower_medimg.core import settings
+from flower_medimg.lifecycle.integrity import KEY_ENV
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -16,6 +17,18 @@ def task_identity():
     TaskIdentity.run_id = 1
     TaskIdentity.node_id = 1
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def server_key(tmp_path_factory):
+    """Sign registries and audit logs with a key of this session, not ~/.flower-medimg.
+
+    Set in the environment, so ServerApp processes started by the tests use it too.
+    """
+    path = tmp_path_factory.mktemp("server-key") / "server_ed25519.pem"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(KEY_ENV, str(path))
+        yield path
 
 
 @pytest.fixture(autouse=True)

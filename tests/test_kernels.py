@@ -325,3 +325,19 @@ def test_weighted_sum_of_a_tensor_larger_than_one_chunk():
     )
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_update_gram_by_hand():
+    # updates from the reference: u1 = [1, 2 | 3], u2 = [0, 1 | -1], u3 = 0
+    reference = {"a": np.array([1.0, 1.0], np.float32), "b": np.array([2.0])}
+    models = [
+        {"a": np.array([2.0, 3.0], np.float32), "b": np.array([5.0])},
+        {"a": np.array([1.0, 2.0], np.float32), "b": np.array([1.0])},
+        reference,
+    ]
+    layout, cols = _columns(models)
+    ref = [r.ravel() for r in _columns([reference])[1][0]]
+    gram = K.update_gram(cols, ref, layout.float_blocks)
+    # |u1|^2 = 1 + 4 + 9, <u1, u2> = 0 + 2 - 3, |u2|^2 = 0 + 1 + 1
+    np.testing.assert_array_equal(gram, [[14, -1, 0], [-1, 2, 0], [0, 0, 0]])
+    assert gram.dtype == np.float64

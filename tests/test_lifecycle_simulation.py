@@ -14,11 +14,17 @@ from tiny_config import TINY
 from flower_medimg.client_apps import make_client_app
 from flower_medimg.core.settings import resolve_settings
 from flower_medimg.lifecycle import ModelRegistry, load_exported, verify_audit_log
+from flower_medimg.lifecycle.integrity import VerifyKey, key_path
 from flower_medimg.lifecycle.outputs import load_global_model
 from flower_medimg.lifecycle.registry import weights_sha256
 from flower_medimg.server_app import make_server_app, run_experiment
 
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+
+
+def _registry(folder):
+    """Open a registry the ServerApp wrote, with the session's server key."""
+    return ModelRegistry(folder, VerifyKey.load(key_path()), read_only=True)
 
 
 def _simulate(server_app, config, mods=None, num_supernodes=3):
@@ -83,7 +89,7 @@ def test_target_stops_early_and_the_registry_records_why(lifecycle_run):
     config, run_dir, tmp = lifecycle_run
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [1]
-    registry = ModelRegistry(tmp / "registry")
+    registry = _registry(tmp / "registry")
     (run,) = registry.runs()
     assert run["status"] == "finished" and run["stop_reason"] == "target"
     assert "central/dice" in run["stop_message"] and "round 1" in run["stop_message"]
@@ -114,7 +120,7 @@ def test_target_stops_early_and_the_registry_records_why(lifecycle_run):
 @pytest.mark.slow
 def test_audit_log_and_cross_site_matrix(lifecycle_run):
     _, run_dir, _ = lifecycle_run
-    check = verify_audit_log(run_dir / "audit.jsonl")
+    check = verify_audit_log(run_dir / "audit.jsonl", VerifyKey.load(key_path()))
     assert check.ok, check.message
     lines = (run_dir / "audit.jsonl").read_text().splitlines()
     events = [json.loads(line)["event"] for line in lines]
@@ -190,14 +196,14 @@ def test_resume_after_crash_matches_uninterrupted_fedadam(tmp_path):
         _simulate(
             _crashing_server_app(resumed, crash_round=3), resumed, num_supernodes=2
         )
-    registry = ModelRegistry(tmp_path / "rb")
+    registry = _registry(tmp_path / "rb")
     (crashed,) = registry.runs()
     assert crashed["status"] == "running"
     assert registry.versions(crashed["id"])[-1]["round"] == 2
     registry.close()
 
     _simulate(make_server_app(**resumed), resumed, num_supernodes=2)  # the restart
-    registry = ModelRegistry(tmp_path / "rb")
+    registry = _registry(tmp_path / "rb")
     first, second = registry.runs()
     assert first["status"] == "resumed"
     assert second["resumed_from"] == first["id"] and second["status"] == "finished"

@@ -2,13 +2,12 @@
 
 import json
 import math
-import pickle
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.serverapp.strategy import FedAdam
+from flwr.serverapp.strategy import FedAdam, FedAvgM
 
 from flower_medimg.client_apps.statistics import statistics_reply, summarise_site
 from flower_medimg.core.models import model_from_settings
@@ -23,6 +22,8 @@ from flower_medimg.lifecycle import (
     verify_audit_log,
     weights_sha256,
 )
+from flower_medimg.lifecycle.integrity import ServerKey
+from flower_medimg.lifecycle.resume_state import ResumeState
 from flower_medimg.lifecycle.statistics import (
     SiteStatistics,
     js_distance,
@@ -100,43 +101,52 @@ def test_best_model_keeps_earliest_best_and_skips_missing():
 # ---- audit log ------------------------------------------------------------------
 
 
-def test_audit_chain_verifies_and_detects_one_changed_byte(tmp_path):
+@pytest.fixture
+def key(tmp_path):
+    return ServerKey.load_or_create(tmp_path / "keys" / "server.pem")
+
+
+def test_audit_chain_verifies_and_detects_one_changed_byte(tmp_path, key):
     path = tmp_path / "audit.jsonl"
-    log = AuditLog(path)
-    for i in range(5):
+    log = AuditLog(path, key)
+    log.append("run-start", registry=None, registry_run=None)
+    for i in range(4):
         log.append("reply", round=i, node_id=10 + i, accepted=i != 2, weight=0.25)
-    clean = verify_audit_log(path)
-    assert clean.ok and clean.num_lines == 5 and clean.head == log.head
+    log.append("run-end")
+    clean = verify_audit_log(path, key)
+    assert clean.ok and clean.num_lines == 6 and clean.head == log.head
 
     lines = path.read_bytes().splitlines(keepends=True)
     entry = json.loads(lines[0])
     assert entry["prev"] == "0" * 64 and entry["seq"] == 0
     assert json.loads(lines[1])["prev"] == entry["hash"]
+    assert key.verify(entry["hash"].encode(), entry["sig"])
 
-    for index in (0, 2, 4):  # first, middle and last line
+    for index in (1, 2, 4):  # first, middle and last reply
         tampered = bytearray(b"".join(lines))
         offset = sum(len(x) for x in lines[:index]) + lines[index].index(
             b'"weight":0.25'
         )
         tampered[offset + len('"weight":0.2')] = ord("9")  # 0.25 -> 0.29
         path.write_bytes(bytes(tampered))
-        check = verify_audit_log(path)
-        assert not check.ok
+        check = verify_audit_log(path, key)
+        assert check.status == "tampered"
         assert check.bad_line == index + 1, check.message
         assert "was changed" in check.message
 
     # a removed line is caught at the line after it
     path.write_bytes(b"".join(lines[:2] + lines[3:]))
-    check = verify_audit_log(path)
+    check = verify_audit_log(path, key)
     assert check.bad_line == 3 and "'prev'" in check.message
 
-    # reopening a clean log continues its chain; a corrupt one is refused
-    path.write_bytes(b"".join(lines))
-    AuditLog(path).append("run-end")
-    assert verify_audit_log(path).num_lines == 6
+    # reopening a log continues its chain; a corrupt one is refused
+    path.write_bytes(b"".join(lines[:-1]))
+    assert verify_audit_log(path, key).status == "incomplete"
+    AuditLog(path, key).append("run-end")
+    assert verify_audit_log(path, key).num_lines == 6
     path.write_bytes(b"".join(lines).replace(b'"round":1', b'"round":7'))
-    with pytest.raises(ValueError, match="line 2"):
-        AuditLog(path)
+    with pytest.raises(ValueError, match="line 3"):
+        AuditLog(path, key)
 
 
 # ---- statistics -----------------------------------------------------------------
@@ -234,6 +244,21 @@ class _NoGrid:
         return [1, 2]
 
 
+def _through_a_file(strategy):
+    """Capture the strategy's state and read it back as a resumed run does."""
+    fields, arrays = capture_strategy_state(strategy)
+    state = ResumeState.from_bytes(
+        ResumeState(
+            round=1,
+            strategy=fields,
+            strategy_arrays=arrays,
+            stop={"best": None, "best-round": None, "stale-rounds": 0},
+            best={"best": None, "best-round": None},
+        ).to_bytes()
+    )
+    return state.strategy, state.strategy_arrays
+
+
 def test_fedadam_moments_survive_capture_and_restore():
     start = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
     deltas = [[np.ones(3, dtype=np.float32)], [np.full(3, -0.5, dtype=np.float32)]]
@@ -244,9 +269,14 @@ def test_fedadam_moments_survive_capture_and_restore():
 
     first = QualityGate(FedAdam(eta=0.1))
     arrays = _fedadam_round(first, 1, start, deltas[0])
-    saved = capture_strategy_state(first)
+    fields, saved_arrays = _through_a_file(first)
+    assert [level["class"].rsplit(".", 1)[1] for level in fields] == [
+        "QualityGate",
+        "FedAdam",
+    ]
+    assert set(fields[1]["fields"]) == {"m_t", "v_t"}  # nothing but the moments
     resumed = QualityGate(FedAdam(eta=0.1))
-    restore_strategy_state(resumed, saved)
+    restore_strategy_state(resumed, fields, saved_arrays)
     assert resumed.strategy.m_t is not None
     got = _fedadam_round(resumed, 2, arrays, deltas[1])
     np.testing.assert_array_equal(got["w"].numpy(), expected["w"].numpy())
@@ -257,15 +287,15 @@ def test_fedadam_moments_survive_capture_and_restore():
     assert not np.allclose(other["w"].numpy(), expected["w"].numpy())
 
     with pytest.raises(ValueError, match="Cannot resume"):
-        restore_strategy_state(FedAdam(), saved)
+        restore_strategy_state(FedAdam(), fields, saved_arrays)
 
 
 # ---- registry -------------------------------------------------------------------
 
 
-def test_registry_versions_keep_policy_export_and_sha(tmp_path):
+def test_registry_versions_keep_policy_export_and_sha(tmp_path, key):
     config = resolve_settings(overrides=TINY)
-    registry = ModelRegistry(tmp_path / "reg")
+    registry = ModelRegistry(tmp_path / "reg", key)
     run = registry.start_run(
         flower_run_id=7,
         experiment="abc",
@@ -278,23 +308,26 @@ def test_registry_versions_keep_policy_export_and_sha(tmp_path):
         for shift, model in enumerate(models):
             for param in model.parameters():
                 param.add_(0.01 * shift)
-    ids = []
+    ids, pruned = [], []
     for rnd, model in enumerate(models, start=1):
-        ids.append(
-            registry.add_version(
-                run,
-                rnd,
-                model.state_dict(),
-                metrics={"central/dice": 0.1 * rnd},
-                contributors=[11, 12],
-                replies=[{"node_id": 13, "accepted": False, "reason": "NaN"}],
-                epsilon=None,
-            )
+        version, dropped = registry.record_round(
+            run,
+            rnd,
+            model.state_dict(),
+            metrics={"central/dice": 0.1 * rnd},
+            contributors=[11, 12],
+            replies=[{"node_id": 13, "accepted": False, "reason": "NaN"}],
+            epsilon=None,
+            resume_state=b"state %d" % rnd,
+            best=rnd == 2,
+            keep="best+last",
+            audit_head=f"{rnd:064x}",
+            audit_lines=rnd + 1,
         )
-        registry.attach_resume_state(ids[-1], b"state %d" % rnd)
-        if rnd == 2:
-            registry.set_best(run, ids[-1])
-        registry.prune(run, "best+last")
+        ids.append(version)
+        pruned += dropped
+    assert pruned == [ids[0]]  # round 1: neither best nor last once round 3 is in
+    assert not (registry.folder / "models" / f"run{run}-round1.safetensors").exists()
     kept = registry.versions(run)
     assert [v["round"] for v in kept] == [2, 3]  # best + last
     assert registry.resumable("abc")["id"] == ids[2]
@@ -315,6 +348,16 @@ def test_registry_versions_keep_policy_export_and_sha(tmp_path):
     out = registry.export(ids[2], tmp_path / "export")
     card = json.loads((out / "model_card.json").read_text())
     assert card["sha256"] == row["sha256"] and card["round"] == 3
+    assert card["audit"]["head"] == f"{3:064x}" and card["audit"]["lines"] == 4
+    assert card["integrity"]["key-fingerprint"] == key.fingerprint
+    assert key.verify(
+        json.dumps(
+            {"table": "models", "row": card["integrity"]["record"]},
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode(),
+        card["integrity"]["signature"],
+    )
     loaded = load_exported(out)
     x = torch.rand(2, 1, 32, 32)
     models[2].eval()
@@ -322,27 +365,32 @@ def test_registry_versions_keep_policy_export_and_sha(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), models[2](x), rtol=0, atol=0)
 
-    registry.finish_run(run, "target", "done")
+    registry.finish_run(run, "target", "done", f"{9:064x}", 9)
+    assert registry.audit_anchor(run) == {
+        "lines": 9,
+        "head": f"{9:064x}",
+        "finished": True,
+    }
     assert registry.resumable("abc") is None
+    assert registry.verify() == []
     with pytest.raises(RegistryError, match="stored versions"):
         registry.version(999)
-    # a changed weight file is refused
+    # a changed weight file is refused before it is parsed
     weights = registry.folder / row["weights_path"]
-    state = torch.load(weights)
-    next(iter(state.values())).add_(1)
-    torch.save(state, weights)
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(RegistryError, match="SHA-256"):
         registry.load_weights(ids[2])
+    assert len(registry.verify()) == 1
 
 
-def test_strategy_state_with_received_buffers_pickles():
-    # arrays received over gRPC (deployment) hold memoryviews, which pickle refuses
-    gate = QualityGate(FedAdam())
-    gate.current_arrays = ArrayRecord({"w": Array(np.arange(4, dtype=np.float32))})
-    gate.current_arrays["w"].data = memoryview(gate.current_arrays["w"].data)
-    with pytest.raises(TypeError, match="memoryview"):
-        pickle.dumps(gate.current_arrays)
-    state = pickle.loads(pickle.dumps(capture_strategy_state(gate)))
-    restored = QualityGate(FedAdam())
-    restore_strategy_state(restored, state)
+def test_fedavgm_state_with_received_buffers_round_trips():
+    # arrays received over gRPC (deployment) hold memoryviews
+    strategy = FedAvgM(server_momentum=0.9)
+    strategy.current_arrays = ArrayRecord({"w": Array(np.arange(4, dtype=np.float32))})
+    strategy.current_arrays["w"].data = memoryview(strategy.current_arrays["w"].data)
+    strategy.momentum_vector = [np.full(4, 0.5, dtype=np.float32)]
+    fields, arrays = _through_a_file(strategy)
+    restored = FedAvgM(server_momentum=0.9)
+    restore_strategy_state(restored, fields, arrays)
     np.testing.assert_array_equal(restored.current_arrays["w"].numpy(), np.arange(4))
+    np.testing.assert_array_equal(restored.momentum_vector[0], np.full(4, 0.5))

@@ -29,7 +29,7 @@ from flower_medimg.strategies.registry import build_strategy
         ("strategy.fraction-train", 1.5, "<= 1"),
         ("gate.enabled", "maybe", "true or false"),
         ("gate.enabled", 1, "true or false"),
-        ("attack.kind", "bogus", "valid kinds: none, free-rider"),
+        ("attack.kind", "bogus", "valid kinds: none, crash, eval-lie"),
         ("model.channels", "8,x", "channel widths"),
         ("attack.sites", "0,a", "partition ids"),
         ("method.names", "harmofl,moon", "client methods from harmofl"),

@@ -343,14 +343,19 @@ def test_missing_required_metric_drops_the_reply(caplog):
     assert "node 8: metric 'train-loss-before' is missing" in caplog.text
 
 
-def test_zero_method_weights_fall_back_to_num_examples():
-    # all clients got worse to a loss of 0 before: ratios are all 0
+def test_a_loss_of_zero_is_refused_not_trusted(caplog):
+    # a loss of exactly 0 gave an unbounded cost improvement: now such a reply is
+    # dropped (the kernel's fallback for all-zero ratios is in test_kernels)
     replies = [
         reply(1, theta(1.0), **{"num-examples": 10, "train-loss-before": 0.0}),
-        reply(2, theta(0.0), **{"num-examples": 30, "train-loss-before": 0.0}),
+        reply(2, theta(0.0), **{"num-examples": 30, "train-loss-after": 0.0}),
+        reply(3, theta(3.0), **{"num-examples": 30}),
     ]
-    arrays, _ = FedCostWAvg(alpha=0.0).aggregate_train(1, replies)
-    np.testing.assert_allclose(arrays["w"].numpy(), [0.25])
+    arrays, metrics = FedCostWAvg(alpha=0.0).aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), [3.0])
+    assert metrics["gate-rejected"] == 2
+    assert "node 1: metric 'train-loss-before' is 0.0 (must be > 0)" in caplog.text
+    assert "node 2: metric 'train-loss-after' is 0.0 (must be > 0)" in caplog.text
 
 
 def test_fast_fedavg_matches_flower_fedavg():

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from logging import INFO
 from typing import Any
 
@@ -46,11 +46,24 @@ from flower_medimg.core.amp_norm import amp_norms
 from flower_medimg.core.device import device
 from flower_medimg.core.models import model_from_settings
 from flower_medimg.core.private_params import private_keys, split_state
-from flower_medimg.core.settings import Settings, check_values, resolve_settings
+from flower_medimg.core.settings import (
+    BUNDLE_TASK,
+    Settings,
+    check_values,
+    resolve_settings,
+)
 from flower_medimg.core.tasks import get_task
 from flower_medimg.data import site_datasets
 
-from .attacks import apply_attack, flip_labels
+from .attacks import (
+    ARRAY_ATTACKS,
+    PROCESS_ATTACKS,
+    REPLY_ATTACKS,
+    apply_attack,
+    attack_mod,
+    attacking,
+    flip_labels,
+)
 from .dropouts import SimulatedDropoutError, dropped_out
 from .methods import (
     ClientMethods,
@@ -65,6 +78,7 @@ from .site_mods import SVT_STATE, run_with_mods, site_mods
 from .site_state import SiteState
 from .statistics import statistics_reply
 from .training import make_optimizer, mean_loss, nova_a, train_local
+from .watchdog import deadline_mod
 
 __all__ = ["make_client_app", "site_name", "site_seed"]
 
@@ -166,16 +180,6 @@ def _loaders(
     return shuffled, ordered, validation, len(train_ds)
 
 
-def _attack(settings: Settings, context: Context) -> str | None:
-    """Return the attack this simulated site runs, if ``attack.sites`` names it."""
-    kind = settings["attack.kind"]
-    sites = {int(s) for s in settings["attack.sites"].split(",") if s}
-    partition = context.node_config.get(protocol.NODE_PARTITION_ID)
-    if kind == "none" or partition is None or int(partition) not in sites:
-        return None
-    return kind
-
-
 def _flipped(batches: Iterable[dict], num_classes: int | None) -> Iterator[dict]:
     for batch in batches:
         yield {**batch, "label": flip_labels(batch["label"], num_classes)}
@@ -194,7 +198,7 @@ def _train(msg: Message, context: Context, settings: Settings) -> Message:
     task = get_task(settings["task"])
     dev = device()
     state = SiteState(context)
-    attack = _attack(settings, context)
+    attack = attacking(settings, context)
     methods = ClientMethods.from_settings(settings)
     mu = proximal_mu(train_config)
     if mu > 0 and settings.dp_sgd:
@@ -305,7 +309,7 @@ def _train(msg: Message, context: Context, settings: Settings) -> Message:
         )
     model.cpu()
     arrays = site_model.shared_and_store_private()
-    if attack is not None and attack != "label-flip":
+    if attack in ARRAY_ATTACKS:
         arrays = _attacked(attack, msg.content[protocol.RECORD_ARRAYS], arrays, seed)
     values[protocol.METRIC_TRAIN_TIME] = time.perf_counter() - started
     log(INFO, "%s: reply: train metrics %s", name, sorted(values))
@@ -370,6 +374,30 @@ def _evaluate(msg: Message, context: Context, settings: Settings) -> Message:
     return Message(RecordDict({protocol.RECORD_METRICS: metrics}), reply_to=msg)
 
 
+def _guard_mods(settings: Settings, context: Context) -> list[Mod]:
+    """Return the message deadline mod, and a simulated attack on replies if set."""
+    mods = [deadline_mod(settings["round-timeout"], site_name(context))]
+    attack = attacking(settings, context)
+    if attack in REPLY_ATTACKS + PROCESS_ATTACKS:
+        mods.append(attack_mod(attack))
+    return mods
+
+
+def _handler(settings: Settings, phase: str) -> Callable[..., Message]:
+    """Return the ``train``, ``evaluate`` or ``query`` handler of the run's task."""
+    if settings["task"] == BUNDLE_TASK:
+        from . import bundle  # MONAI's bundle engines (ignite) only for bundles
+
+        handlers = {
+            "train": bundle.bundle_train,
+            "evaluate": bundle.bundle_evaluate,
+            "query": bundle.bundle_query,
+        }
+    else:
+        handlers = {"train": _train, "evaluate": _evaluate, "query": statistics_reply}
+    return handlers[phase]
+
+
 def make_client_app(
     task: str | None = None, mods: list[Mod] | None = None, **overrides: Any
 ) -> ClientApp:
@@ -378,8 +406,9 @@ def make_client_app(
     Parameters
     ----------
     task : str, optional
-        Pin the task (``"segmentation"`` or ``"classification"``); by default the
-        run config's ``task`` decides.
+        Pin the task (``"segmentation"``, ``"classification"`` or ``"bundle"``, a
+        MONAI bundle's own trainer, see :mod:`.bundle`); by default the run
+        config's ``task`` decides.
     mods : list of Flower mods, optional
         Mods wrapped around both handlers (e.g. Flower's ``fixedclipping_mod`` or
         our sparse-sharing privacy mods), as in ``ClientApp(mods=...)``.
@@ -410,8 +439,8 @@ def make_client_app(
         state = SiteState(context)
         state.restore_metrics(SVT_STATE)
         reply = run_with_mods(
-            site_mods(settings),
-            lambda m, c: _train(m, c, settings),
+            [*_guard_mods(settings, context), *site_mods(settings)],
+            lambda m, c: _handler(settings, "train")(m, c, settings),
             msg,
             context,
         )
@@ -421,12 +450,23 @@ def make_client_app(
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         """Evaluate the personalised global model on this site's validation split."""
-        return _evaluate(msg, context, resolve_settings(context.run_config, overrides))
+        settings = resolve_settings(context.run_config, overrides)
+        return run_with_mods(
+            _guard_mods(settings, context),
+            lambda m, c: _handler(settings, "evaluate")(m, c, settings),
+            msg,
+            context,
+        )
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         """Summarise this site's images and labels (the statistics phase)."""
         settings = resolve_settings(context.run_config, overrides)
-        return statistics_reply(msg, context, settings)
+        return run_with_mods(
+            _guard_mods(settings, context),
+            lambda m, c: _handler(settings, "query")(m, c, settings),
+            msg,
+            context,
+        )
 
     return app

@@ -9,8 +9,23 @@ https://doi.org/10.1007/978-3-031-16452-1_64, reference code github.com/Naiftt/S
 - ``"nan"``: the trained arrays with every float value set to NaN;
 - ``"free-rider"``: the received global arrays, unchanged (no training);
 - ``"mismatched-keys"``: the trained arrays with one key renamed and one dropped;
+- ``"huge"``: every float value set to 1e15 (finite, absurd);
 - ``"label-flip"``: a data attack applied to the labels during training (see
   ``flip_labels``); the arrays are then sent unchanged.
+
+Lies about everything but the arrays, applied to the reply by :func:`attack_mod`
+(the threat model's probes of a hostile site):
+
+- ``"num-examples-lie"``: ``num-examples = 10**9``;
+- ``"loss-lie"``: ``train-loss-before = 1e6``, ``train-loss-after = 1e-12``;
+- ``"nova-a-lie"``: ``nova-a = 1e-12`` (FedNova's normaliser);
+- ``"list-metric"``: ``train-time-s`` sent as a list;
+- ``"garbage-bytes"``: the first array's bytes replaced by garbage of the same
+  length behind a valid-looking ``.npy`` magic, its metadata left right;
+- ``"eval-lie"``: evaluate replies claim ``num-examples = 10**9`` and a perfect
+  score (``dice``/``accuracy`` = 1);
+- ``"crash"``: the site's process exits (``os._exit``) in its round-1 train call;
+- ``"hang"``: the site's round-1 train call never returns.
 
 The ClientApp chooses the attack from the run config (``attack.kind``,
 ``attack.sites``).
@@ -18,23 +33,53 @@ The ClientApp chooses the attack from the run config (``attack.kind``,
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from flower_medimg.core.settings import ATTACK_KINDS
+from flower_medimg.core import protocol
+from flower_medimg.core.settings import ATTACK_KINDS, Settings
 
 __all__ = [
     "ATTACK_KINDS",
     "ARRAY_ATTACKS",
+    "PROCESS_ATTACKS",
+    "REPLY_ATTACKS",
     "apply_attack",
+    "attack_mod",
+    "attacking",
     "check_attack_kind",
     "flip_labels",
 ]
 
-#: Attacks that replace the arrays a site sends (``"label-flip"`` acts on labels).
-ARRAY_ATTACKS: tuple[str, ...] = tuple(k for k in ATTACK_KINDS if k != "label-flip")
+#: Attacks that replace the arrays a site sends.
+ARRAY_ATTACKS = (
+    "free-rider",
+    "gaussian",
+    "huge",
+    "mismatched-keys",
+    "nan",
+    "sign-flip",
+)
+#: Attacks that rewrite the rest of a reply (see :func:`attack_mod`).
+REPLY_ATTACKS = (
+    "eval-lie",
+    "garbage-bytes",
+    "list-metric",
+    "loss-lie",
+    "nova-a-lie",
+    "num-examples-lie",
+)
+#: Attacks on the site's process in its round-1 train call.
+PROCESS_ATTACKS = ("crash", "hang")
+
+HUGE_VALUE = 1e15
+LIED_NUM_EXAMPLES = 10**9
 
 SIGN_FLIP_SCALE = -3.0
 
@@ -59,8 +104,9 @@ def apply_attack(
     Parameters
     ----------
     kind : str
-        One of ``ATTACK_KINDS``. ``"label-flip"`` returns the arrays unchanged (the
-        attack is applied to the labels with ``flip_labels``).
+        One of ``ATTACK_KINDS``. Kinds that are not ``ARRAY_ATTACKS`` return the
+        arrays unchanged (``"label-flip"`` acts on the labels with
+        ``flip_labels``, the others on the rest of the reply).
     global_arrays : Mapping[str, np.ndarray]
         The global arrays the site received.
     local_arrays : Mapping[str, np.ndarray]
@@ -82,7 +128,7 @@ def apply_attack(
         ``global_arrays`` (sign-flip).
     """
     check_attack_kind(kind)
-    if kind == "label-flip":
+    if kind not in ARRAY_ATTACKS:
         return {k: np.array(v, copy=True) for k, v in local_arrays.items()}
     if kind == "free-rider":
         return {k: np.array(v, copy=True) for k, v in global_arrays.items()}
@@ -107,6 +153,8 @@ def apply_attack(
             out[key] = flipped.astype(local.dtype)
         elif kind == "gaussian":
             out[key] = rng.standard_normal(local.shape).astype(local.dtype)
+        elif kind == "huge":
+            out[key] = np.full_like(local, HUGE_VALUE)
         else:  # "nan"
             out[key] = np.full_like(local, np.nan)
     return out
@@ -133,3 +181,81 @@ def flip_labels(labels: Any, num_classes: int | None = None) -> Any:
     if num_classes < 2:
         raise ValueError("`num_classes` must be at least 2")
     return (num_classes - 1) - labels
+
+
+def attacking(settings: Settings, context: Context) -> str | None:
+    """Return the attack this simulated site runs, if ``attack.sites`` names it."""
+    kind = settings["attack.kind"]
+    sites = {int(s) for s in settings["attack.sites"].split(",") if s}
+    partition = context.node_config.get(protocol.NODE_PARTITION_ID)
+    if kind == "none" or partition is None or int(partition) not in sites:
+        return None
+    return kind
+
+
+def _lie(kind: str, reply: Message) -> Message:
+    """Rewrite ``reply`` as the ``kind`` of lying site would send it."""
+    content = reply.content
+    metrics = next(iter(content.metric_records.values()), None)
+    if metrics is None:
+        return reply
+    if kind == "num-examples-lie":
+        metrics[protocol.METRIC_NUM_EXAMPLES] = LIED_NUM_EXAMPLES
+    elif kind == "loss-lie":
+        metrics[protocol.METRIC_TRAIN_LOSS_BEFORE] = 1e6
+        metrics[protocol.METRIC_TRAIN_LOSS_AFTER] = 1e-12
+    elif kind == "nova-a-lie":
+        metrics[protocol.METRIC_NOVA_A] = 1e-12
+    elif kind == "list-metric":
+        metrics[protocol.METRIC_TRAIN_TIME] = [1.0, 2.0]
+    elif kind == "garbage-bytes":
+        name, arrays = next(iter(content.array_records.items()))
+        key = next(iter(arrays.keys()))
+        good = arrays[key]
+        garbage = b"\x93NUMPY" + os.urandom(max(len(good.data) - 6, 0))
+        forged = ArrayRecord(dict(arrays.items()))
+        forged[key] = Array(
+            dtype=good.dtype, shape=tuple(good.shape), stype=good.stype, data=garbage
+        )
+        content[name] = forged
+    return reply
+
+
+def _lie_about_evaluation(reply: Message) -> Message:
+    metrics = next(iter(reply.content.metric_records.values()), None)
+    if metrics is not None:
+        metrics[protocol.METRIC_NUM_EXAMPLES] = LIED_NUM_EXAMPLES
+        for key in ("dice", "accuracy"):
+            if key in metrics:
+                metrics[key] = 1.0
+    return reply
+
+
+def attack_mod(kind: str) -> Mod:
+    """Return the Flower mod of a site that lies in its replies or breaks down.
+
+    ``REPLY_ATTACKS`` rewrite the honest reply; ``"crash"`` ends the process and
+    ``"hang"`` never returns in the round-1 train call (round 1 only, so a
+    restarted site is honest again).
+    """
+    if kind not in REPLY_ATTACKS + PROCESS_ATTACKS:
+        raise ValueError(f"{kind!r} is not an attack on replies or processes")
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        train = msg.metadata.message_type == MessageType.TRAIN
+        if kind in PROCESS_ATTACKS and train:
+            config = msg.content.config_records.get(protocol.RECORD_CONFIG, {})
+            if config.get(protocol.CONFIG_SERVER_ROUND) == 1:
+                if kind == "crash":
+                    os._exit(17)
+                while True:  # "hang"
+                    time.sleep(3600)
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        if kind == "eval-lie":
+            evaluate = msg.metadata.message_type == MessageType.EVALUATE
+            return _lie_about_evaluation(reply) if evaluate else reply
+        return _lie(kind, reply) if train and kind in REPLY_ATTACKS else reply
+
+    return mod

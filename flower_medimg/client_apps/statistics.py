@@ -121,6 +121,7 @@ def statistics_reply(msg: Message, context: Context, settings: Settings) -> Mess
         ),
         settings.num_classes,
     )
+    values[protocol.METRIC_NUM_TRAIN] = len(train_ds)
     partition = context.node_config.get(protocol.NODE_PARTITION_ID)
     if partition is not None:
         values[protocol.METRIC_PARTITION_ID] = int(partition)

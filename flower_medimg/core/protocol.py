@@ -28,13 +28,16 @@ __all__ = [
     "METRIC_LOCAL_STEPS",
     "METRIC_NOVA_A",
     "METRIC_NUM_EXAMPLES",
+    "METRIC_NUM_TRAIN",
     "METRIC_PARTITION_ID",
+    "METRIC_RANGES",
     "METRIC_SHARED_FRACTION",
     "METRIC_SVT_EPSILON",
     "METRIC_TRAIN_LOSS_AFTER",
     "METRIC_TRAIN_LOSS_BEFORE",
     "METRIC_TRAIN_TIME",
     "METRIC_UNIT_WEIGHT",
+    "NODE_BUNDLE_ROOT",
     "NODE_DATA_DIR",
     "NODE_DATALIST",
     "NODE_DP_MAX_EPSILON",
@@ -107,6 +110,9 @@ METRIC_EVAL_LOSS = "eval-loss"
 METRIC_EVAL_TIME = "eval-time-s"
 #: Simulation only: which synthetic site answered (recorded per site, never averaged).
 METRIC_PARTITION_ID = "partition-id"
+#: Statistics reply: the size of the site's training set, the most ``num-examples``
+#: its train replies may claim afterwards.
+METRIC_NUM_TRAIN = "num-train"
 #: Sparse sharing: fraction of the update's coordinates that left the site.
 METRIC_SHARED_FRACTION = "shared-fraction"
 #: SVT: the site's cumulative selection epsilon.
@@ -123,6 +129,19 @@ SITE_BOOKKEEPING_METRICS = (
     METRIC_PARTITION_ID,
 )
 
+#: Evaluation metrics with a known range; a reply outside it is rejected.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "dice": (0.0, 1.0),
+    "accuracy": (0.0, 1.0),
+    "auroc": (0.0, 1.0),
+    "sensitivity": (0.0, 1.0),
+    "specificity": (0.0, 1.0),
+    "hd95": (0.0, float("inf")),
+    METRIC_EVAL_LOSS: (0.0, float("inf")),
+    METRIC_TRAIN_LOSS_BEFORE: (0.0, float("inf")),
+    METRIC_TRAIN_LOSS_AFTER: (0.0, float("inf")),
+}
+
 # ---- round metrics the server adds -----------------------------------------------
 ROUND_GATE_ACCEPTED = "gate-accepted"
 ROUND_GATE_REJECTED = "gate-rejected"
@@ -132,6 +151,8 @@ ROUND_USER_DELTA = "user-delta"
 
 # ---- node_config keys a site sets on its SuperNode --------------------------------
 NODE_DATA_DIR = "data-dir"
+#: The site's installed copy of the MONAI bundle that ``task = "bundle"`` runs.
+NODE_BUNDLE_ROOT = "bundle-root"
 #: How the site's log lines name it (default: ``site-<partition>`` or the node id).
 NODE_SITE_NAME = "site-name"
 NODE_DATALIST = "datalist"

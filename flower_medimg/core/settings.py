@@ -29,6 +29,7 @@ from .tasks import TASKS
 
 __all__ = [
     "ATTACK_KINDS",
+    "BUNDLE_TASK",
     "CLIENT_METHODS",
     "DEFAULTS",
     "GRAD_SAMPLE_MODES",
@@ -52,11 +53,20 @@ __all__ = [
 OPTIMIZERS = ("adam", "sgd")
 #: Simulated misbehaving sites (``attack.kind``); ``none`` is every honest site.
 ATTACK_KINDS = (
+    "crash",
+    "eval-lie",
     "free-rider",
+    "garbage-bytes",
     "gaussian",
+    "hang",
+    "huge",
     "label-flip",
+    "list-metric",
+    "loss-lie",
     "mismatched-keys",
     "nan",
+    "nova-a-lie",
+    "num-examples-lie",
     "sign-flip",
 )
 #: Client-side methods (``method.names``); FedProx needs no switch.
@@ -66,6 +76,9 @@ GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew", "ghost")
 USER_LEVEL_SIDES = ("none", "server", "client")
 KEEP_POLICIES = ("all", "best+last")
 STOP_MODES = ("auto", "min", "max")
+#: The ``task`` whose sites run a MONAI bundle's own trainer and evaluator
+#: (:mod:`flower_medimg.client_apps.bundle`) instead of the built-in networks.
+BUNDLE_TASK = "bundle"
 #: Sources of round metrics (``<source>/<key>``): the sites' aggregated train and
 #: evaluate metrics, and the server's central evaluation.
 METRIC_SOURCES = ("train", "evaluate", "central")
@@ -286,7 +299,7 @@ def _as_float(value: Any) -> float:
 
 #: Every setting, in the order of ``pyproject.toml``'s run-config table.
 SETTINGS: tuple[Setting, ...] = (
-    Setting("task", "segmentation", choices=tuple(TASKS), noun="tasks"),
+    Setting("task", "segmentation", choices=(*TASKS, BUNDLE_TASK), noun="tasks"),
     Setting("num-server-rounds", 5, minimum=1),
     Setting("seed", 0, minimum=0),
     Setting("output-dir", "outputs", parse=_non_empty),
@@ -319,7 +332,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("data.num-classes", 2, minimum=2),
     Setting("gate.enabled", True),
     Setting("gate.max-update-norm", 0.0, minimum=0),
-    Setting("gate.update-norm-factor", 0.0, minimum=0),
+    Setting("gate.update-norm-factor", 3.0, minimum=0),
+    Setting("gate.min-cosine", 0.0, minimum=-1, maximum=1),
+    Setting("gate.max-abs-value", 1e6, minimum=0),
+    Setting("gate.max-num-examples", 1_000_000, minimum=0),
+    Setting("gate.max-weight-share", 0.5, above=0, maximum=1),
     Setting("strategy.name", "fedavg", parse=lambda name: _non_empty(name).lower()),
     Setting("strategy.weighted-by-key", "num-examples", parse=_non_empty),
     Setting("strategy.fraction-train", 1.0, minimum=0, maximum=1),
@@ -351,21 +368,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sim.dropout", 0.0, minimum=0, below=1),
     Setting("attack.kind", "none", choices=("none", *ATTACK_KINDS), noun="kinds"),
     Setting("attack.sites", "", parse=_site_ids),
-    Setting("stop.metric", "evaluate/eval-loss", parse=_metric_name),
+    Setting("stop.metric", "evaluate/median-eval-loss", parse=_metric_name),
     Setting("stop.mode", "auto", choices=STOP_MODES, noun="modes"),
     Setting("stop.target", "", optional_number=True),
     Setting("stop.patience", 0, minimum=0),
     Setting("stop.min-delta", 0.0, minimum=0),
     Setting("stop.best-metric", "", parse=_optional_metric_name),
+    Setting("stop.max-empty-rounds", 3, minimum=0),
     Setting("registry.path", "registry"),
     Setting("registry.keep", "best+last", choices=KEEP_POLICIES, noun="policies"),
     Setting("registry.resume", True),
+    Setting("registry.key-path", ""),
+    Setting("registry.lock-timeout", 60.0, above=0),
     Setting("stats.enabled", True),
     Setting("stats.bins", 32, minimum=1),
     Setting("stats.range-min", 0.0),
     Setting("stats.range-max", 1.0),
     Setting("stats.flag-distance", 0.3, above=0, maximum=1),
     Setting("cross-site.enabled", True),
+    Setting("bundle.root", ""),
+    Setting("bundle.train-config", "configs/train.json", parse=_non_empty),
+    Setting("bundle.evaluate-config", "configs/evaluate.json"),
+    Setting("bundle.send-weight-diff", False),
 )
 
 _BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
@@ -480,6 +504,18 @@ def check_values(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_combinations(values: Mapping[str, Any]) -> None:
     """Check what no single setting can: values that must fit together."""
+    if values["task"] == BUNDLE_TASK:
+        _check_bundle(values)
+    else:
+        _check_model(values)
+    if not values["stats.range-min"] < values["stats.range-max"]:
+        raise SettingsError(
+            f"run config stats.range-min = {values['stats.range-min']!r} must be "
+            f"below stats.range-max = {values['stats.range-max']!r}"
+        )
+
+
+def _check_model(values: Mapping[str, Any]) -> None:
     segmentation = values["task"] == "segmentation"
     models = SEGMENTATION_MODELS if segmentation else CLASSIFICATION_MODELS
     if values["model.name"] not in models:
@@ -487,8 +523,28 @@ def _check_combinations(values: Mapping[str, Any]) -> None:
             f"run config model.name = {values['model.name']!r} is not a "
             f"{values['task']} model; valid models: {', '.join(models)}"
         )
-    if not values["stats.range-min"] < values["stats.range-max"]:
+
+
+def _check_bundle(values: Mapping[str, Any]) -> None:
+    """Refuse what a bundle replaces: its trainer brings optimizer, loss and loader."""
+    if not values["bundle.root"].strip():
         raise SettingsError(
-            f"run config stats.range-min = {values['stats.range-min']!r} must be "
-            f"below stats.range-max = {values['stats.range-max']!r}"
+            f"run config task = {BUNDLE_TASK!r} needs bundle.root: the folder of the "
+            "MONAI bundle (with configs/train.json) the server builds the global "
+            "model from"
         )
+    dp_sgd = values["dp.noise-multiplier"] > 0 or values["dp.target-epsilon"] > 0
+    refused = {
+        "dp.noise-multiplier / dp.target-epsilon (DP-SGD)": dp_sgd,
+        "method.names": bool(_comma_list(values["method.names"])),
+        "attack.kind": values["attack.kind"] != "none",
+    }
+    for key, on in refused.items():
+        if on:
+            raise SettingsError(
+                f"run config {key} cannot be used with task = {BUNDLE_TASK!r}: the "
+                "bundle's own SupervisedTrainer builds the optimizer, loss and data "
+                "loader, which DP-SGD (Opacus), the client methods and the simulated "
+                "attacks replace; use user-level DP (dp.user-level) or the privacy "
+                "filters instead"
+            )

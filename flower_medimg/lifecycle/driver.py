@@ -6,17 +6,22 @@ each one records the model in the registry and the audit log and asks the stop
 rule whether to go on. A restarted ServerApp of the same experiment (same config,
 apart from output and lifecycle settings) continues from the newest registry
 version of the unfinished run: global arrays, strategy state, stop rule, best
-model and the metrics history.
+model and the metrics history (:mod:`.resume_state`; signed, never unpickled).
+
+A round that cannot be recorded (the registry stays locked, the disk is full)
+ends the run cleanly after that round: its model and metrics still go to the run
+folder, the audit log gets the reason and its ``run-end`` line, the registry run
+stays unfinished, so the next start resumes from the last round it recorded, and
+:attr:`LifecycleOutcome.error` tells the ServerApp to exit with the error.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
-from logging import INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +34,15 @@ from flower_medimg.core.settings import Settings
 
 from .audit import AuditLog
 from .cross_site import cross_site_matrix, write_matrix
+from .integrity import ServerKey, check_key_outside, key_path
 from .outputs import RoundRecorder
-from .registry import ModelRegistry, package_versions
+from .registry import (
+    ModelRegistry,
+    RegistryError,
+    RegistryUnavailableError,
+    package_versions,
+)
+from .resume_state import ResumeState, ResumeStateError
 from .rounds import RoundReport, log_start, run_round
 from .statistics import collect_statistics
 from .stopping import (
@@ -40,9 +52,29 @@ from .stopping import (
     StopRule,
     round_metrics,
 )
-from .strategy_state import capture_strategy_state, restore_strategy_state
+from .strategy_state import (
+    StrategyStateError,
+    capture_strategy_state,
+    restore_strategy_state,
+)
 
-__all__ = ["LifecycleOutcome", "experiment_key", "run_lifecycle"]
+__all__ = [
+    "LifecycleError",
+    "LifecycleOutcome",
+    "experiment_key",
+    "robust_metric",
+    "run_lifecycle",
+]
+
+#: Stop reason of a run whose round could not be recorded.
+REGISTRY_UNAVAILABLE = "registry-unavailable"
+#: Stop reason of a run whose last ``stop.max-empty-rounds`` rounds aggregated nothing.
+EMPTY_ROUNDS = "empty-rounds"
+
+
+class LifecycleError(RuntimeError):
+    """The run ended early on an error, after writing what it had (see ``error``)."""
+
 
 #: Settings that do not change what is trained (left out of the experiment key).
 _NOT_IN_KEY = ("output-dir", "round-timeout", "node-wait-timeout")
@@ -75,6 +107,9 @@ class LifecycleOutcome:
         The run's id in the registry (None with the registry off).
     resumed_from : Optional[int]
         Registry version this run resumed from.
+    error : Optional[str]
+        Why the run ended early on an error (None: it ended as planned). The
+        outputs are still to be written; then the ServerApp should fail with it.
     """
 
     result: Result
@@ -82,6 +117,7 @@ class LifecycleOutcome:
     best_round: int | None
     registry_run: int | None
     resumed_from: int | None
+    error: str | None = None
 
 
 def _epsilon(
@@ -120,14 +156,49 @@ def _audit_round(audit: AuditLog, report: RoundReport) -> None:
         audit.append("reply", round=report.server_round, **reply.as_dict())
 
 
+def robust_metric(metric: str) -> bool:
+    """Whether no single site of three or more can set the round metric ``metric``.
+
+    ``central/<key>`` is the server's own evaluation and ``evaluate/median-<key>``
+    the median of the sites' values; ``train/<key>`` and ``evaluate/<key>`` are
+    weighted means of what the sites report (a site's weight is capped by
+    ``gate.max-weight-share``, but it still moves the mean as far as it likes).
+    """
+    source, _, key = metric.partition("/")
+    return source == "central" or (source == "evaluate" and key.startswith("median-"))
+
+
+def _empty_round(report: RoundReport) -> str:
+    """Say that ``report``'s round aggregated nothing, and what each site did."""
+    reasons = {r.node_id: r.reason or "accepted" for r in report.replies}
+    sites = "; ".join(
+        f"node {node_id}: {reasons.get(node_id, 'no reply')}"
+        for node_id in sorted({*report.sampled, *reasons})
+    )
+    return f"round {report.server_round} aggregated no reply ({sites or 'no sites'})"
+
+
 class _Lifecycle:
-    """Audit log, registry, stop rule and best model of one ServerApp run."""
+    """Server key, audit log, registry, stop rule and best model of one run."""
 
     def __init__(self, settings: Settings, run_dir: Path) -> None:
         self.settings = settings
-        self.audit = AuditLog(run_dir / "audit.jsonl")
+        self.run_dir = run_dir
         path = settings["registry.path"].strip()
-        self.registry = ModelRegistry(path) if path else None
+        key_file = key_path(settings["registry.key-path"])
+        folders = {"run folder": run_dir, "output folder": Path(settings["output-dir"])}
+        if path:
+            folders["registry"] = Path(path)
+        check_key_outside(key_file, folders)
+        self.key = ServerKey.load_or_create(key_file)
+        self.audit = AuditLog(run_dir / "audit.jsonl", self.key)
+        self.registry = (
+            ModelRegistry(
+                path, self.key, lock_timeout=settings["registry.lock-timeout"]
+            )
+            if path
+            else None
+        )
         self.keep = settings["registry.keep"]
         target = settings["stop.target"]
         self.stop_rule = StopRule(
@@ -142,16 +213,33 @@ class _Lifecycle:
             best_metric or self.stop_rule.metric,
             mode="auto" if best_metric else settings["stop.mode"],
         )
+        for metric in {self.stop_rule.metric, self.best.metric}:
+            if not robust_metric(metric):
+                log(
+                    WARNING,
+                    "flower-medimg: %s is the sites' weighted mean of values each "
+                    "site reports itself: one site can move it. The stop rule and "
+                    "the best model follow it; central/<key> or "
+                    "evaluate/median-<key> cannot be set by one site of three.",
+                    metric,
+                )
         self.best_arrays: ArrayRecord | None = None
         self.best_version: int | None = None
+        self.recorded_round = 0
 
     def resume_point(self, experiment: str) -> dict[str, Any] | None:
-        """Return the registry version to resume from, if any."""
+        """Return the registry version to resume from, if any.
+
+        Raises
+        ------
+        RegistryTamperedError
+            If that version's record or its run's does not verify.
+        """
         if self.registry is None or not self.settings["registry.resume"]:
             return None
         return self.registry.resumable(experiment)
 
-    def state_blob(
+    def resume_state(
         self,
         server_round: int,
         strategy: Strategy,
@@ -160,18 +248,18 @@ class _Lifecycle:
         decision: StopDecision | None,
     ) -> bytes:
         """Return everything a restarted ServerApp needs to continue after a round."""
-        return pickle.dumps(
-            {
-                "round": server_round,
-                "strategy": capture_strategy_state(strategy),
-                "stop": self.stop_rule.state(),
-                "best": self.best.state(),
-                "best-version": self.best_version,
-                "recorder": recorder.rounds,
-                "history": _history(result),
-                "decision": decision,
-            }
-        )
+        fields, arrays = capture_strategy_state(strategy)
+        return ResumeState(
+            round=server_round,
+            strategy=fields,
+            strategy_arrays=arrays,
+            stop=self.stop_rule.state(),
+            best=self.best.state(),
+            best_version=self.best_version,
+            recorder=recorder.rounds,
+            history=_history(result),
+            decision=decision,
+        ).to_bytes()
 
     def resume(
         self,
@@ -182,65 +270,104 @@ class _Lifecycle:
     ) -> tuple[ArrayRecord, int, StopDecision | None]:
         """Restore the state stored with ``version``; return arrays, round, decision.
 
-        The resume state is unpickled only after its SHA-256 matched the registry.
+        The registry checks the state's record and SHA-256 before anything is
+        parsed; the state holds JSON and arrays only.
+
+        Raises
+        ------
+        RegistryError
+            If the state or the weights do not verify, or do not fit the strategy
+            (the message names the version and the registry).
         """
         registry = self.registry
         assert registry is not None  # resume points come from the registry
-        state = pickle.loads(registry.load_resume_state(version["id"]))
+        try:
+            state = ResumeState.from_bytes(registry.load_resume_state(version["id"]))
+            restore_strategy_state(strategy, state.strategy, state.strategy_arrays)
+        except (ResumeStateError, StrategyStateError) as err:
+            raise RegistryError(
+                f"Cannot resume from version {version['id']} of {registry.database}: "
+                f"its resume state does not fit: {err}"
+            ) from None
         arrays = ArrayRecord(registry.load_weights(version["id"]))
-        restore_strategy_state(strategy, state["strategy"])
-        self.stop_rule.restore(state["stop"])
-        self.best.restore(state["best"])
-        self.best_version = state["best-version"]
+        self.stop_rule.restore(state.stop)
+        self.best.restore(state.best)
+        self.best_version = state.best_version
         if self.best_version is not None:
             self.best_arrays = ArrayRecord(registry.load_weights(self.best_version))
-        recorder.rounds.update(state["recorder"])
-        _restore_history(result, state["history"])
+        recorder.rounds.update(state.recorder)
+        _restore_history(result, state.history)
         result.arrays = arrays
+        self.recorded_round = state.round
         log(
             INFO,
             "flower-medimg: resuming from registry version %d (registry run %d, "
             "round %d)",
             version["id"],
             version["run"],
-            state["round"],
+            state.round,
         )
-        return arrays, int(state["round"]), state["decision"]
+        return arrays, state.round, state.decision
 
-    def store(
+    # pylint: disable-next=too-many-arguments
+    def record(
         self,
         registry_run: int,
         report: RoundReport,
         metrics: Mapping[str, float],
         epsilon: float | None,
         is_best: bool,
-    ) -> int:
-        """Store the round's model version and apply the keep policy."""
+        resume_state: bytes,
+    ) -> StopDecision | None:
+        """Record the round's version and resume state in one registry write.
+
+        Returns
+        -------
+        Optional[StopDecision]
+            ``registry-unavailable`` if the round could not be recorded.
+        """
         registry = self.registry
         assert registry is not None
-        version = registry.add_version(
-            registry_run,
-            report.server_round,
-            report.arrays.to_torch_state_dict(),
-            metrics=metrics,
-            contributors=report.contributors,
-            replies=[r.as_dict() for r in report.replies],
-            epsilon=epsilon,
-        )
+        server_round = report.server_round
+        try:
+            version, dropped = registry.record_round(
+                registry_run,
+                server_round,
+                report.arrays.to_torch_state_dict(),
+                metrics=metrics,
+                contributors=report.contributors,
+                replies=[r.as_dict() for r in report.replies],
+                epsilon=epsilon,
+                resume_state=resume_state,
+                best=is_best,
+                keep=self.keep,
+                audit_head=self.audit.head,
+                audit_lines=self.audit.seq,
+            )
+        except RegistryUnavailableError as err:
+            message = (
+                f"round {server_round} could not be recorded: {err}. Its model and "
+                f"metrics are in {self.run_dir}; the next start resumes after round "
+                f"{self.recorded_round}"
+            )
+            log(ERROR, "flower-medimg: %s", message)
+            self.audit.append(
+                "registry-unavailable", round=server_round, error=str(err)
+            )
+            return StopDecision(server_round, REGISTRY_UNAVAILABLE, message)
+        self.recorded_round = server_round
         if is_best:
             self.best_version = version
-            registry.set_best(registry_run, version)
         self.audit.append(
             "model-stored",
-            round=report.server_round,
+            round=server_round,
             version=version,
             sha256=registry.version(version)["sha256"],
             best=is_best,
         )
-        dropped = registry.prune(registry_run, self.keep)
         if dropped:
             self.audit.append("models-pruned", versions=dropped, keep=self.keep)
-        return version
+        return None
 
 
 # pylint: disable-next=too-many-arguments,too-many-locals
@@ -261,8 +388,10 @@ def run_lifecycle(
     2. Fresh runs only: the statistics phase (``stats.enabled``) and the central
        evaluation of the initial model (round 0).
     3. Each round: train and evaluate, update the best model, apply the stop rule
-       (``stop.*``), store the version with its provenance and resume state.
-    4. Record the stop decision; cross-site validation (``cross-site.enabled``).
+       (``stop.*``), store the version with its provenance and resume state; a
+       round the registry cannot take ends the run after it.
+    4. Record the stop decision; cross-site validation (``cross-site.enabled``);
+       the ``run-end`` line, whose hash the registry keeps as the log's anchor.
 
     Parameters
     ----------
@@ -286,7 +415,15 @@ def run_lifecycle(
     Returns
     -------
     LifecycleOutcome
-        History, stop decision, best round and registry ids.
+        History, stop decision, best round, registry ids and the error, if any.
+
+    Raises
+    ------
+    RegistryError
+        Before any training, if the registry cannot be opened or its resume point
+        does not verify (the message names the database).
+    ServerKeyError
+        If the server key is unusable or lies inside the registry or run folders.
     """
     life = _Lifecycle(settings, run_dir)
     num_rounds = settings["num-server-rounds"]
@@ -306,13 +443,14 @@ def run_lifecycle(
             strategy=settings["strategy.name"],
             config=settings,
             resumed_from=None if resume is None else resume["run"],
+            best_version=life.best_version,
         )
-        if life.best_version is not None:
-            life.registry.set_best(registry_run, life.best_version)
     life.audit.append(
         "run-start",
         flower_run_id=context.run_id,
+        registry=None if life.registry is None else str(life.registry.folder),
         registry_run=registry_run,
+        key={"fingerprint": life.key.fingerprint, "path": life.key.source},
         experiment=experiment,
         config=dict(settings),
         versions=package_versions(),
@@ -326,9 +464,12 @@ def run_lifecycle(
             "statistics",
             nodes=[s.node_id for s in stats.sites],
             declined=stats.declined,
+            rejected=stats.rejected,
             flagged=stats.flagged,
             js_distances={s.node_id: s.distance for s in stats.sites},
         )
+        if hasattr(strategy, "num_examples_bounds"):  # the reply screening's bound
+            strategy.num_examples_bounds = stats.num_train
 
     evaluate_config = ConfigRecord()
     log_start(strategy, num_rounds, arrays, train_config, evaluate_config)
@@ -338,6 +479,8 @@ def run_lifecycle(
         if initial is not None:
             result.evaluate_metrics_serverapp[0] = initial
 
+    error = None
+    empty_rounds, max_empty_rounds = 0, settings["stop.max-empty-rounds"]
     while decision is None and last_round < num_rounds:
         last_round += 1
         report = run_round(
@@ -358,14 +501,29 @@ def run_lifecycle(
         is_best = life.best.update(last_round, metrics)
         if is_best:
             life.best_arrays = arrays
+        # The round's decisions go here, before it is recorded: the stop rule, and
+        # the empty-round limit, which also fails the run (`error`).
         decision = life.stop_rule.update(last_round, metrics)
+        empty_rounds = 0 if report.contributors else empty_rounds + 1
+        if empty_rounds:
+            log(WARNING, "flower-medimg: %s", _empty_round(report))
+        if decision is None and 0 < max_empty_rounds <= empty_rounds:
+            decision = StopDecision(
+                last_round,
+                EMPTY_ROUNDS,
+                f"{empty_rounds} rounds in a row aggregated no reply "
+                f"(stop.max-empty-rounds = {max_empty_rounds}); last: "
+                + _empty_round(report),
+            )
+            error = decision.message
         if life.registry is not None and registry_run is not None:
             epsilon = _epsilon(metrics, recorder.rounds.get(last_round, {}))
-            version = life.store(registry_run, report, metrics, epsilon, is_best)
-            life.registry.attach_resume_state(
-                version,
-                life.state_blob(last_round, strategy, recorder, result, decision),
+            state = life.resume_state(last_round, strategy, recorder, result, decision)
+            unrecorded = life.record(
+                registry_run, report, metrics, epsilon, is_best, state
             )
+            if unrecorded is not None:
+                decision, error = unrecorded, unrecorded.message
     if decision is None:
         decision = StopDecision(
             last_round, "num-server-rounds", f"reached num-server-rounds = {num_rounds}"
@@ -374,10 +532,8 @@ def run_lifecycle(
     life.audit.append(
         "stop", round=decision.round, reason=decision.reason, message=decision.message
     )
-    if life.registry is not None and registry_run is not None:
-        life.registry.finish_run(registry_run, decision.reason, decision.message)
 
-    if settings["cross-site.enabled"]:
+    if settings["cross-site.enabled"] and error is None:
         models = {f"final (round {last_round})": arrays}
         if life.best_arrays is not None and life.best.best_round != last_round:
             models[f"best (round {life.best.best_round})"] = life.best_arrays
@@ -385,7 +541,15 @@ def run_lifecycle(
         write_matrix(matrix, list(models), run_dir)
         life.audit.append("cross-site", models=list(models), matrix=matrix)
     life.audit.append("run-end", last_round=last_round)
-    if life.registry is not None:
+    if life.registry is not None and registry_run is not None:
+        if error is None:  # an unrecorded round leaves the run to be resumed
+            life.registry.finish_run(
+                registry_run,
+                decision.reason,
+                decision.message,
+                life.audit.head,
+                life.audit.seq,
+            )
         life.registry.close()
     return LifecycleOutcome(
         result=result,
@@ -393,4 +557,5 @@ def run_lifecycle(
         best_round=life.best.best_round,
         registry_run=registry_run,
         resumed_from=None if resume is None else resume["id"],
+        error=error,
     )

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Result
@@ -34,6 +35,7 @@ from flower_medimg.core import protocol
 from flower_medimg.core.models import model_from_settings
 from flower_medimg.core.private_params import load_shared_state
 from flower_medimg.core.settings import resolve_settings
+from flower_medimg.strategies.kernels import cap_shares
 
 __all__ = ["RoundRecorder", "load_global_model", "make_run_dir", "write_outputs"]
 
@@ -44,7 +46,10 @@ class RoundRecorder:
     :meth:`train` and :meth:`evaluate` are metric aggregation functions with the
     signature Flower's strategies expect (``train_metrics_aggr_fn``,
     ``evaluate_metrics_aggr_fn``): they record each reply's MetricRecord and return
-    Flower's usual weighted average. :meth:`end_round` is the strategy's
+    Flower's usual weighted average, with every site's weight capped at
+    ``max_weight_share``; :meth:`evaluate` adds each metric's median over the sites
+    as ``median-<key>``, a value no single site of three or more can set.
+    :meth:`end_round` is the strategy's
     ``evaluate_fn``, which ``Strategy.start`` calls before round 1 and after every
     round: it files the recorded metrics under that round, stops the round's clock
     and runs the optional central evaluation (not counted in the round's time).
@@ -53,12 +58,17 @@ class RoundRecorder:
     ----------
     central_evaluation : callable, optional
         ``(arrays) -> dict`` evaluating a global model on a server-held test set.
+    max_weight_share : float, optional
+        The largest share of one site in the averages (None: uncapped).
     """
 
     def __init__(
-        self, central_evaluation: Callable[[ArrayRecord], dict] | None = None
+        self,
+        central_evaluation: Callable[[ArrayRecord], dict] | None = None,
+        max_weight_share: float | None = None,
     ) -> None:
         self.central_evaluation = central_evaluation
+        self.max_weight_share = max_weight_share
         self.rounds: dict[int, dict[str, Any]] = {}
         self._pending_train: list[dict[str, Any]] = []
         self._pending_evaluate: list[dict[str, Any]] = []
@@ -67,11 +77,31 @@ class RoundRecorder:
     def train(self, records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
         """Record the train replies' metrics and return their weighted average."""
         self._pending_train = _metric_dicts(records)
-        return _without_site_ids(aggregate_metricrecords(records, weighted_by_key))
+        return self._average(self._pending_train, weighted_by_key)
 
     def evaluate(self, records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-        """Record the evaluate replies' metrics and return their weighted average."""
+        """Record the evaluate replies' metrics; return their average and medians."""
         self._pending_evaluate = _metric_dicts(records)
+        metrics = self._average(self._pending_evaluate, weighted_by_key)
+        for key in list(metrics):
+            if key not in protocol.SITE_BOOKKEEPING_METRICS:
+                values = [m[key] for m in self._pending_evaluate if key in m]
+                metrics[f"median-{key}"] = float(np.median(values))
+        return metrics
+
+    def _average(
+        self, sites: list[dict[str, Any]], weighted_by_key: str
+    ) -> MetricRecord:
+        """Flower's weighted average of the sites' metrics, weights capped."""
+        if self.max_weight_share is not None and len(sites) > 1:
+            weights = np.array([float(m[weighted_by_key]) for m in sites])
+            capped = cap_shares(weights / weights.sum(), self.max_weight_share)
+            if not np.allclose(capped, weights / weights.sum(), rtol=0, atol=1e-12):
+                sites = [
+                    {**m, weighted_by_key: float(share)}
+                    for m, share in zip(sites, capped, strict=True)
+                ]
+        records = [RecordDict({"metrics": MetricRecord(m)}) for m in sites]
         return _without_site_ids(aggregate_metricrecords(records, weighted_by_key))
 
     def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -35,6 +35,7 @@ from .node_deadline import NodeDeadlineGrid
 __all__ = [
     "SiteStatistics",
     "StatisticsReport",
+    "check_site_statistics",
     "collect_statistics",
     "js_distance",
     "pool_statistics",
@@ -49,6 +50,79 @@ def js_distance(p: np.ndarray, q: np.ndarray) -> float:
     computed by :func:`scipy.spatial.distance.jensenshannon`.
     """
     return float(jensenshannon(p, q, base=2))
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _finite(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and (math.isfinite(value))
+    )
+
+
+def _whole_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_whole(v) for v in value)
+
+
+#: What each key of a statistics reply must hold (``num-train`` and
+#: ``partition-id`` may be missing: a site that does not say gets no bound).
+_STATISTICS_CHECKS = {
+    "num-images": (_whole, "a whole number >= 0"),
+    "histogram": (_whole_list, "a list of whole numbers >= 0"),
+    "below": (_whole, "a whole number >= 0"),
+    "above": (_whole, "a whole number >= 0"),
+    "count": (lambda v: _whole(v) and v > 0, "a whole number > 0"),
+    "sum": (_finite, "a finite number"),
+    "sum-sq": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "shape-min": (_whole_list, "a list of whole numbers >= 0"),
+    "shape-max": (_whole_list, "a list of whole numbers >= 0"),
+    "spacing-mean": (
+        lambda v: isinstance(v, list) and all(_finite(x) for x in v),
+        "a list of finite numbers",
+    ),
+    "label-counts": (_whole_list, "a list of whole numbers >= 0"),
+    protocol.METRIC_NUM_TRAIN: (_whole, "a whole number >= 0"),
+    protocol.METRIC_PARTITION_ID: (_whole, "a whole number >= 0"),
+}
+_OPTIONAL_STATISTICS = (protocol.METRIC_NUM_TRAIN, protocol.METRIC_PARTITION_ID)
+
+
+def check_site_statistics(values: dict[str, Any], bins: int) -> None:
+    """Check a site's statistics reply before anything reads it.
+
+    Raises
+    ------
+    ValueError
+        Naming the first key that is missing, unknown, of the wrong type, or
+        inconsistent with the others (a histogram of another length than the
+        query's ``bins``, counts that do not add up, more training images than
+        images).
+    """
+    for key in values:
+        if key not in _STATISTICS_CHECKS:
+            raise ValueError(f"unknown key {key!r}")
+    for key, (check, expected) in _STATISTICS_CHECKS.items():
+        if key not in values:
+            if key in _OPTIONAL_STATISTICS:
+                continue
+            raise ValueError(f"{key!r} is missing")
+        if not check(values[key]):
+            raise ValueError(f"{key!r} must be {expected}, got {values[key]!r}")
+    if len(values["histogram"]) != bins:
+        raise ValueError(
+            f"'histogram' has {len(values['histogram'])} bins, the query asked {bins}"
+        )
+    if sum(values["histogram"]) + values["below"] + values["above"] != values["count"]:
+        raise ValueError("'histogram' + 'below' + 'above' does not add up to 'count'")
+    if values.get(protocol.METRIC_NUM_TRAIN, 0) > values["num-images"]:
+        raise ValueError(
+            f"{protocol.METRIC_NUM_TRAIN!r} = {values[protocol.METRIC_NUM_TRAIN]} is "
+            f"more than 'num-images' = {values['num-images']}"
+        )
 
 
 @dataclass
@@ -91,7 +165,17 @@ class StatisticsReport:
 
     sites: list[SiteStatistics] = field(default_factory=list)
     declined: dict[int, str] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
     pooled: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_train(self) -> dict[int, int]:
+        """Each site's reported training-set size (sites that reported one)."""
+        return {
+            s.node_id: s.values[protocol.METRIC_NUM_TRAIN]
+            for s in self.sites
+            if protocol.METRIC_NUM_TRAIN in s.values
+        }
 
     @property
     def flagged(self) -> list[int]:
@@ -164,6 +248,8 @@ def _table(report: StatisticsReport) -> str:
     )
     for node_id, reason in report.declined.items():
         lines.append(f"| {node_id} | declined: {reason} | | | | | | | |")
+    for node_id, reason in report.rejected.items():
+        lines.append(f"| {node_id} | rejected: {reason} | | | | | | | |")
     return "\n".join(lines)
 
 
@@ -262,7 +348,13 @@ def collect_statistics(
                 reply.error.reason,
             )
             continue
-        values = dict(reply.content[protocol.RECORD_STATISTICS])
+        try:
+            values = dict(reply.content[protocol.RECORD_STATISTICS])
+            check_site_statistics(values, bins)
+        except Exception as err:  # pylint: disable=broad-exception-caught
+            report.rejected[node_id] = f"invalid statistics: {err}"
+            log(WARNING, "flower-medimg: node %d: invalid statistics: %s", node_id, err)
+            continue
         report.sites.append(SiteStatistics(node_id, values))
     report.sites.sort(key=lambda s: s.node_id)
     report.pooled = pool_statistics(report.sites, flag_distance)
@@ -297,6 +389,7 @@ def collect_statistics(
                     for s in report.sites
                 ],
                 "declined": {str(k): v for k, v in report.declined.items()},
+                "rejected": {str(k): v for k, v in report.rejected.items()},
                 "pooled": report.pooled,
                 "bins": bins,
                 "range": list(value_range),

@@ -48,6 +48,8 @@ Columns = Sequence[Sequence[np.ndarray]]
 SMALL_TENSOR_SIZE = 1 << 14
 
 _NPY_MAGIC = b"\x93NUMPY"
+#: Longest ``.npy`` header accepted (``np.save`` writes 128 bytes for any model).
+_MAX_HEADER = 1 << 16
 
 _HEADER_CACHE: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
 
@@ -64,8 +66,10 @@ def _parse_npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
         dtype = np.lib.format.descr_to_dtype(info["descr"])
         shape = tuple(int(s) for s in info["shape"])
         fortran = bool(info["fortran_order"])
-    except (ValueError, SyntaxError, KeyError, TypeError) as err:
-        raise ValueError(f"unreadable .npy header: {err}") from err
+    except Exception as err:  # any malformed header, however it fails
+        raise ValueError(f"unreadable .npy header: {type(err).__name__}") from None
+    if any(s < 0 for s in shape):
+        raise ValueError(f".npy header has a negative dimension: {shape}")
     if dtype.hasobject:
         raise ValueError("object arrays are not accepted")
     if len(_HEADER_CACHE) > 65536:
@@ -79,15 +83,23 @@ def _payload(array: Array) -> tuple[int, np.dtype, tuple[int, ...], bool]:
     if array.stype != SType.NUMPY:
         raise ValueError(f"unsupported serialisation type '{array.stype}'")
     data = array.data
-    if data[:6] != _NPY_MAGIC:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ValueError(f"payload is a {type(data).__name__}, not bytes")
+    if len(data) < 10 or bytes(data[:6]) != _NPY_MAGIC:
         raise ValueError("payload is not in .npy format")
     if data[6] == 1:
         start = 10
         header_len = data[8] | (data[9] << 8)
-    else:
+    elif data[6] in (2, 3) and len(data) >= 12:
         start = 12
         header_len = int.from_bytes(data[8:12], "little")
+    else:
+        raise ValueError(f"unknown .npy format version {data[6]}")
     end = start + header_len
+    if end > len(data) or header_len > _MAX_HEADER:
+        raise ValueError(
+            f".npy header claims {header_len} bytes, the payload holds {len(data)}"
+        )
     dtype, shape, fortran = _parse_npy_header(bytes(data[start:end]))
     count = math.prod(shape)
     if len(data) - end != count * dtype.itemsize:
@@ -294,7 +306,8 @@ def read_blocks(record: ArrayRecord, layout: Layout) -> list[np.ndarray]:
             name, shape, header, length = checks[key]
             data = array.data
             if (
-                array.dtype == name
+                array.stype == SType.NUMPY
+                and array.dtype == name
                 and array.shape == shape
                 and len(data) == length
                 and data[: len(header)] == header  # bytes or a memoryview

@@ -18,8 +18,16 @@ from flwr.serverapp.strategy import FedAvg
 from flower_medimg.core import protocol
 
 from ._wire import build_arrayrecord
-from .kernels import fallback_weights, weighted_sum
-from .quality import ReplyOutcome, ScreenedReplies, node_id_of, screen_replies
+from .kernels import cap_shares, fallback_weights, weighted_sum
+from .quality import (
+    ReplyOutcome,
+    ReplyScreening,
+    ScreenedReplies,
+    ScreeningRules,
+    node_id_of,
+    screen_evaluate_replies,
+    screen_replies,
+)
 
 __all__ = ["FastFedAvg", "MissingMetricError"]
 
@@ -29,7 +37,7 @@ class MissingMetricError(ValueError):
 
 
 # pylint: disable=too-many-instance-attributes
-class FastFedAvg(FedAvg):
+class FastFedAvg(ReplyScreening, FedAvg):
     """Federated Averaging that validates replies and reads them in place.
 
     Implementation based on https://arxiv.org/abs/1602.05629
@@ -58,34 +66,40 @@ class FastFedAvg(FedAvg):
     *args, **kwargs
         The arguments of Flower's ``FedAvg`` (``fraction_train``, ...,
         ``evaluate_metrics_aggr_fn``), positionally in its order or by name.
-    check_finite : bool (default: True)
-        Drop replies with non-finite array values.
-    max_update_norm : Optional[float] (default: None)
-        Drop replies whose update norm ``||theta_k - theta||`` exceeds this bound.
-    update_norm_factor : Optional[float] (default: None)
-        Drop replies whose update norm exceeds this factor times the round's median
-        update norm (applied with at least three replies).
+    check_finite, max_update_norm, update_norm_factor, min_cosine, max_abs_value, \
+max_num_examples, max_weight_share
+        The reply checks and the weight cap, keyword only; see
+        :class:`~flower_medimg.strategies.quality.ReplyScreening`. By default only
+        malformed and non-finite replies are dropped, as a drop-in for ``FedAvg``;
+        the ServerApp's defaults (``gate.*``) switch on the rest.
     """
 
     #: Whether ``_combine`` uses the weights (they are logged per node).
     _weighted = True
 
+    # pylint: disable-next=too-many-arguments
     def __init__(
         self,
         *args: Any,
         check_finite: bool = True,
         max_update_norm: float | None = None,
         update_norm_factor: float | None = None,
+        min_cosine: float | None = None,
+        max_abs_value: float | None = None,
+        max_num_examples: int | None = None,
+        max_weight_share: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if max_update_norm is not None and max_update_norm <= 0:
-            raise ValueError("`max_update_norm` must be positive")
-        if update_norm_factor is not None and update_norm_factor <= 0:
-            raise ValueError("`update_norm_factor` must be positive")
-        self.check_finite = check_finite
-        self.max_update_norm = max_update_norm
-        self.update_norm_factor = update_norm_factor
+        self._setup_screening(
+            check_finite,
+            max_update_norm,
+            update_norm_factor,
+            min_cosine,
+            max_abs_value,
+            max_num_examples,
+            max_weight_share,
+        )
         self.current_arrays: ArrayRecord | None = None
         self.last_weights: dict[int, float] = {}
         self.last_outcomes: list[ReplyOutcome] = []
@@ -102,10 +116,7 @@ class FastFedAvg(FedAvg):
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
-        log(INFO, "\t├──> Reply checks:")
-        log(INFO, "\t│\t├── Non-finite arrays dropped: %s", self.check_finite)
-        log(INFO, "\t│\t├── Max update norm: %s", self.max_update_norm)
-        log(INFO, "\t│\t└── Update norm factor (x median): %s", self.update_norm_factor)
+        self._log_screening()
         super().summary()
 
     def configure_train(
@@ -161,16 +172,34 @@ class FastFedAvg(FedAvg):
         metrics[protocol.ROUND_GATE_REJECTED] = len(screened.rejected)
         return arrays, metrics
 
+    @property
+    def rules(self) -> ScreeningRules:
+        """What a train reply must satisfy to be aggregated."""
+        return self.screening_rules(self.weighted_by_key, self.required_metrics)
+
     def _screen(self, replies: Iterable[Message]) -> ScreenedReplies:
         """Validate the replies and read the accepted ones."""
-        return screen_replies(
-            replies,
-            reference=self.current_arrays,
-            weighted_by_key=self.weighted_by_key,
-            required_metrics=self.required_metrics,
-            check_finite=self.check_finite,
-            max_update_norm=self.max_update_norm,
-            update_norm_factor=self.update_norm_factor,
+        return screen_replies(replies, reference=self.current_arrays, rules=self.rules)
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+    ) -> MetricRecord | None:
+        """Screen the evaluate replies, then aggregate the valid ones' metrics."""
+        accepted, rejected = screen_evaluate_replies(
+            replies, self.screening_rules(self.weighted_by_key)
+        )
+        log(
+            INFO,
+            "aggregate_evaluate: %d replies accepted, %d rejected",
+            len(accepted),
+            len(rejected),
+        )
+        if not accepted:
+            return None
+        return self.evaluate_metrics_aggr_fn(
+            [msg.content for msg in accepted], self.weighted_by_key
         )
 
     def _check_contract(self, screened: ScreenedReplies) -> None:
@@ -216,12 +245,37 @@ class FastFedAvg(FedAvg):
         weights = self._aggregation_weights(server_round, screened)
         if not screened.accepted:
             return None
+        if self._weighted and self.max_weight_share is not None:
+            weights = self._capped(screened, weights)
         values = self._combine(server_round, screened, weights)
         if self.check_finite and not _all_finite(values):
             log(WARNING, "aggregate_train: the aggregate is not finite; skipping round")
             return None
         self._log_weights(screened, weights)
         return build_arrayrecord(screened.layout, values)  # type: ignore[arg-type]
+
+    def _capped(self, screened: ScreenedReplies, weights: np.ndarray) -> np.ndarray:
+        """Cap every share at ``max_weight_share`` and log the nodes it cut.
+
+        Coefficients that do not sum to one (FedNova's) are capped as shares and
+        scaled back to their sum.
+        """
+        total = float(np.sum(weights))
+        if not total > 0:
+            return weights
+        capped = cap_shares(weights / total, self.max_weight_share) * total  # type: ignore[arg-type]
+        for msg, before, after in zip(screened.accepted, weights, capped, strict=True):
+            if after < before * (1 - 1e-9):
+                log(
+                    WARNING,
+                    "aggregate_train: weight of node %d capped from %.4f to %.4f "
+                    "(max-weight-share %g)",
+                    node_id_of(msg),
+                    before / total,
+                    after / total,
+                    self.max_weight_share,
+                )
+        return capped
 
     def _log_weights(self, screened: ScreenedReplies, weights: np.ndarray) -> None:
         if not self._weighted:

@@ -30,12 +30,15 @@ def fedcostwavg_weights(
     loss_after: Sequence[float] | np.ndarray,
     alpha: float = 0.5,
     loss_floor: float = 1e-12,
+    max_ratio: float | None = None,
 ) -> np.ndarray:
     """Return FedCostWAvg weights ``p_k = alpha n_k/N + (1 - alpha) k_k/K``.
 
     ``k_k = L_before / max(L_after, loss_floor)`` is the cost improvement of client
-    k (Mächler et al. 2021, https://arxiv.org/abs/2111.08649). If the improvements
-    are unusable (non-finite, negative or summing to 0), plain data-size weights are
+    k (Mächler et al. 2021, https://arxiv.org/abs/2111.08649), clipped to
+    ``[1 / max_ratio, max_ratio]`` when given, so that no site can claim an
+    improvement that outweighs the others without bound. If the improvements are
+    unusable (non-finite, negative or summing to 0), plain data-size weights are
     returned (alpha = 1).
     """
     if not 0.0 <= alpha <= 1.0:
@@ -46,6 +49,8 @@ def fedcostwavg_weights(
         ratio = np.asarray(loss_before, dtype=np.float64) / np.maximum(
             np.asarray(loss_after, dtype=np.float64), loss_floor
         )
+    if max_ratio is not None:
+        ratio = np.clip(ratio, 1.0 / max_ratio, max_ratio)
     total = ratio.sum()
     if not np.all(np.isfinite(ratio)) or np.any(ratio < 0) or total <= 0:
         return q
@@ -82,6 +87,10 @@ class FedCostWAvg(FastFedAvg):
         ``"across-rounds"`` (ratio of ``train-loss-after`` between participations).
     loss_floor : float (default: 1e-12)
         Lower bound for the denominator loss.
+    max_loss_ratio : Optional[float] (default: 10.0)
+        Bound on each site's cost improvement ``k_k``, clipped to
+        ``[1 / max_loss_ratio, max_loss_ratio]``; None for the unbounded original.
+        Losses must be positive: a reply reporting a loss <= 0 is dropped.
     *args, **kwargs
         The arguments of :class:`FastFedAvg` (Flower's ``FedAvg`` arguments, also
         positionally, and the reply checks).
@@ -93,6 +102,7 @@ class FedCostWAvg(FastFedAvg):
         alpha: float = 0.5,
         mode: str = "within-round",
         loss_floor: float = 1e-12,
+        max_loss_ratio: float | None = 10.0,
         **kwargs: Any,
     ) -> None:
         if not 0.0 <= alpha <= 1.0:
@@ -103,6 +113,7 @@ class FedCostWAvg(FastFedAvg):
         self.alpha = alpha
         self.mode = mode
         self.loss_floor = loss_floor
+        self.max_loss_ratio = max_loss_ratio
         self.previous_loss: dict[int, float] = {}
 
     @property
@@ -133,6 +144,10 @@ class FedCostWAvg(FastFedAvg):
         num_examples = screened.metric(self.weighted_by_key)
         if self.alpha == 1.0:
             return fallback_weights(None, num_examples)[0]
+        screened.reject_non_positive(self.required_metrics)
+        if not screened.accepted:
+            return np.zeros(0)
+        num_examples = screened.metric(self.weighted_by_key)
         after = screened.metric(METRIC_TRAIN_LOSS_AFTER)
         if self.mode == "within-round":
             before = screened.metric(METRIC_TRAIN_LOSS_BEFORE)
@@ -144,7 +159,12 @@ class FedCostWAvg(FastFedAvg):
                 ]
             )
         weights = fedcostwavg_weights(
-            num_examples, before, after, self.alpha, self.loss_floor
+            num_examples,
+            before,
+            after,
+            self.alpha,
+            self.loss_floor,
+            self.max_loss_ratio,
         )
         weights, _ = fallback_weights(weights, num_examples)
         return weights

@@ -90,7 +90,7 @@ class FedFocus(FastFedAvg):
     gamma = 0.8: high-loss clients get more focus, decaying towards FedAvg);
     ``FedFocus.fedmix()`` gives FedMix's weighting (additive, beta = 1.5,
     lambda0 = 10, gamma = 1). ``direction=-1`` uses ``1 / L`` ("trust low-loss
-    clients"). Replies with a missing, non-finite or negative loss are dropped.
+    clients"). Replies with a missing, non-finite or non-positive loss are dropped.
 
     Parameters
     ----------
@@ -106,6 +106,11 @@ class FedFocus(FastFedAvg):
         ``1``: more weight to high loss; ``-1``: more weight to low loss.
     loss_key : str (default: "train-loss-after")
         Metric holding the client's loss.
+    max_loss_ratio : Optional[float] (default: 10.0)
+        Each loss is clipped to within this factor of the round's median loss, so
+        a site reporting an absurd loss gets no more focus than a plausible one;
+        None for the unbounded original. Losses must be positive: a reply
+        reporting a loss <= 0 is dropped.
     *args, **kwargs
         The arguments of :class:`FastFedAvg` (Flower's ``FedAvg`` arguments, also
         positionally, and the reply checks).
@@ -120,6 +125,7 @@ class FedFocus(FastFedAvg):
         mode: str = "convex",
         direction: int = 1,
         loss_key: str = METRIC_TRAIN_LOSS_AFTER,
+        max_loss_ratio: float | None = 10.0,
         **kwargs: Any,
     ) -> None:
         if mode not in ("convex", "additive"):
@@ -135,6 +141,7 @@ class FedFocus(FastFedAvg):
         self.mode = mode
         self.direction = direction
         self.loss_key = loss_key
+        self.max_loss_ratio = max_loss_ratio
 
     @property
     def required_metrics(self) -> tuple[str, ...]:
@@ -174,16 +181,15 @@ class FedFocus(FastFedAvg):
         self, server_round: int, screened: ScreenedReplies
     ) -> np.ndarray:
         """Return the FedFocus weights of the accepted replies."""
-        losses = screened.metric(self.loss_key)
-        negative = [i for i, loss in enumerate(losses) if loss < 0]
-        if negative:
-            screened.reject(
-                negative,
-                [f"metric '{self.loss_key}' is negative" for _ in negative],
-            )
-            losses = np.delete(losses, negative)
+        screened.reject_non_positive((self.loss_key,))
         if not screened.accepted:
             return np.zeros(0)
+        losses = screened.metric(self.loss_key)
+        if self.max_loss_ratio is not None:  # no site's loss far from the others'
+            median = float(np.median(losses))
+            losses = np.clip(
+                losses, median / self.max_loss_ratio, median * self.max_loss_ratio
+            )
         num_examples = screened.metric(self.weighted_by_key)
         weights = fedfocus_weights(
             num_examples,

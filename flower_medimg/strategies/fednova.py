@@ -11,7 +11,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -83,6 +83,16 @@ class FedNova(FastFedAvg):
         config when non-zero, and selects ``tau_eff = sum_k p_k tau_k``.
     server_momentum : float (default: 0.0)
         Server momentum factor ``beta_g`` (``gmf`` in the reference code).
+    max_nova_factor : float (default: 100.0)
+        ``a_k`` must lie in ``[tau_k, max_nova_factor * tau_k]``: SGD gives
+        ``a = tau``, momentum ``rho`` at most ``tau / (1 - rho)`` (100: ``rho <=
+        0.99``). A reply outside is dropped.
+    max_steps_per_example : Optional[float] (default: None)
+        ``tau_k`` may not exceed this times ``num-examples`` (the local epochs when
+        every batch holds at least one sample); the ServerApp sets it.
+    max_amplification : Optional[float] (default: 10.0)
+        No update is scaled by more than this: ``c_k <= max_amplification * p_k``
+        (``tau_eff / a_k`` is capped). None for the unbounded original.
     *args, **kwargs
         The arguments of :class:`FastFedAvg` (Flower's ``FedAvg`` arguments, also
         positionally, and the reply checks).
@@ -93,15 +103,23 @@ class FedNova(FastFedAvg):
         *args: Any,
         proximal_mu: float = 0.0,
         server_momentum: float = 0.0,
+        max_nova_factor: float = 100.0,
+        max_steps_per_example: float | None = None,
+        max_amplification: float | None = 10.0,
         **kwargs: Any,
     ) -> None:
         if proximal_mu < 0:
             raise ValueError("`proximal_mu` must be non-negative.")
         if not 0.0 <= server_momentum < 1.0:
             raise ValueError("`server_momentum` must be in [0, 1).")
+        if max_nova_factor < 1.0:
+            raise ValueError("`max_nova_factor` must be >= 1.")
         super().__init__(*args, **kwargs)
         self.proximal_mu = proximal_mu
         self.server_momentum = server_momentum
+        self.max_nova_factor = max_nova_factor
+        self.max_steps_per_example = max_steps_per_example
+        self.max_amplification = max_amplification
         self.momentum_buffer: list[np.ndarray] | None = None
         self.last_tau_eff: float | None = None
 
@@ -129,20 +147,47 @@ class FedNova(FastFedAvg):
         self, server_round: int, screened: ScreenedReplies
     ) -> np.ndarray:
         """Return the (unnormalised) FedNova coefficients ``p_k tau_eff / a_k``."""
-        nova_a = screened.metric(METRIC_NOVA_A)
-        bad = [i for i, a in enumerate(nova_a) if a <= 0]
-        if bad:
-            screened.reject(bad, [f"metric '{METRIC_NOVA_A}' is <= 0" for _ in bad])
+        bad, reasons = [], []
+        for i, metrics in enumerate(screened.metrics):
+            reason = self._check_steps(metrics)
+            if reason is not None:
+                bad.append(i)
+                reasons.append(reason)
+        screened.reject(bad, reasons)
         if not screened.accepted:
             return np.zeros(0)
-        coeffs, _, tau_eff = fednova_coefficients(
+        coeffs, p, tau_eff = fednova_coefficients(
             screened.metric(self.weighted_by_key),
             screened.metric(METRIC_NOVA_A),
             screened.metric(METRIC_LOCAL_STEPS),
             self.proximal_mu,
         )
+        if self.max_amplification is not None:
+            coeffs = np.minimum(coeffs, self.max_amplification * p)
         self.last_tau_eff = tau_eff
         return coeffs
+
+    def _check_steps(self, metrics: MetricRecord) -> str | None:
+        """Why a reply's ``local-steps`` and ``nova-a`` do not fit together, or None."""
+        steps, nova_a = metrics[METRIC_LOCAL_STEPS], float(metrics[METRIC_NOVA_A])  # type: ignore[arg-type]
+        if not isinstance(steps, int) or steps < 1:
+            return (
+                f"metric '{METRIC_LOCAL_STEPS}' must be a whole number >= 1, got "
+                f"{steps}"
+            )
+        if not steps * (1 - 1e-9) <= nova_a <= steps * self.max_nova_factor:
+            return (
+                f"metric '{METRIC_NOVA_A}' is {nova_a:g}, outside [{steps}, "
+                f"{steps * self.max_nova_factor:g}] for {steps} local steps"
+            )
+        limit = self.max_steps_per_example
+        examples = float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
+        if limit is not None and steps > limit * examples:
+            return (
+                f"metric '{METRIC_LOCAL_STEPS}' is {steps}, more than "
+                f"{limit:g} x {examples:g} examples allow"
+            )
+        return None
 
     def _combine(
         self, server_round: int, screened: ScreenedReplies, weights: np.ndarray

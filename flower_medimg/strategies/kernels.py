@@ -22,6 +22,7 @@ from scipy.spatial.distance import cdist
 from ._wire import Columns
 
 __all__ = [
+    "cap_shares",
     "coordinate_median",
     "cosine_distances",
     "euclidean_distances",
@@ -29,7 +30,9 @@ __all__ = [
     "gram_matrix",
     "normalise_weights",
     "pairwise_distances",
+    "reply_magnitudes",
     "trimmed_mean",
+    "update_gram",
     "update_sq_norms",
     "weighted_average",
     "weighted_sum",
@@ -259,45 +262,113 @@ def gram_matrix(
     return gram
 
 
+def reply_magnitudes(
+    columns: Columns,
+    reference: Sequence[np.ndarray] | None = None,
+    blocks: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``||x_k - r||^2`` and ``max |x_k|`` per reply over the float blocks.
+
+    One read of every reply, in cache-sized chunks accumulated in float64, so that
+    values near the float32 limit (3e38) do not overflow into "not finite". A
+    reply with NaN or infinite values gets a non-finite squared norm.
+    """
+    n = len(columns)
+    norms = np.zeros(n, dtype=np.float64)
+    largest = np.zeros(n, dtype=np.float64)
+    if n == 0:
+        return norms, largest
+    if blocks is None:
+        blocks = [b for b, col in enumerate(columns[0]) if col.dtype.kind == "f"]
+    for b in blocks:
+        size = columns[0][b].size
+        width = min(size, 1 << 16) or 1
+        tmp = np.empty(width, dtype=np.float64)
+        ref = None if reference is None else reference[b]
+        for k in range(n):
+            col = columns[k][b]
+            with np.errstate(invalid="ignore", over="ignore"):
+                for start in range(0, size, width):
+                    stop = min(start + width, size)
+                    t = tmp[: stop - start]
+                    t[...] = col[start:stop]
+                    chunk_max = float(np.max(np.abs(t))) if stop > start else 0.0
+                    largest[k] = max(largest[k], chunk_max)
+                    if ref is not None:
+                        t -= ref[start:stop]
+                    norms[k] += float(np.dot(t, t))
+    return norms, largest
+
+
 def update_sq_norms(
     columns: Columns,
     reference: Sequence[np.ndarray] | None = None,
     blocks: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Return ``||x_k - r||^2`` per reply over the float blocks (one pass each).
+    """Return ``||x_k - r||^2`` per reply (see :func:`reply_magnitudes`)."""
+    return reply_magnitudes(columns, reference, blocks)[0]
 
-    Non-finite values in a reply (or a squared norm overflowing a chunk's precision)
-    give a non-finite result, so this doubles as the finiteness check.
+
+def update_gram(
+    columns: Columns, reference: Sequence[np.ndarray] | None, blocks: Sequence[int]
+) -> np.ndarray:
+    """Return the Gram matrix ``G[k, j] = <x_k - r, x_j - r>`` over ``blocks``.
+
+    float64, computed in chunks of at most 2**16 values per reply (one small
+    matrix product per chunk), so a large model needs no copy of the updates. The
+    diagonal holds the squared update norms.
     """
     n = len(columns)
-    norms = np.zeros(n, dtype=np.float64)
-    if n == 0:
-        return norms
-    if blocks is None:
-        blocks = [b for b, col in enumerate(columns[0]) if col.dtype.kind == "f"]
+    gram = np.zeros((n, n), dtype=np.float64)
     for b in blocks:
-        size = columns[0][b].size
-        dtype = _accumulator_dtype(columns[0][b].dtype)
+        size = columns[0][b].size if n else 0
         width = min(size, 1 << 16) or 1
-        tmp = np.empty(width, dtype=dtype)
+        chunk = np.empty((n, width), dtype=np.float64)
         ref = None if reference is None else reference[b]
-        for k in range(n):
-            col = columns[k][b]
+        for start in range(0, size, width):
+            stop = min(start + width, size)
+            t = chunk[:, : stop - start]
+            for k in range(n):
+                t[k] = columns[k][b][start:stop]
+            if ref is not None:
+                t -= ref[start:stop]
             with np.errstate(invalid="ignore", over="ignore"):
-                if ref is None and col.dtype == dtype:
-                    norms[k] += float(np.dot(col, col))
-                    continue
-                for start in range(0, size, width):
-                    stop = min(start + width, size)
-                    t = tmp[: stop - start]
-                    if ref is None:
-                        t[...] = col[start:stop]
-                    else:
-                        np.subtract(
-                            col[start:stop], ref[start:stop], out=t, casting="unsafe"
-                        )
-                    norms[k] += float(np.dot(t, t))
-    return norms
+                gram += t @ t.T
+    return gram
+
+
+def cap_shares(weights: Sequence[float] | np.ndarray, max_share: float) -> np.ndarray:
+    """Cap normalised weights at ``max_share``, giving the excess to the others.
+
+    Water-filling: every weight above the cap is set to it and the rest are scaled
+    up in proportion, repeated until none exceeds it. The result sums to 1 and keeps
+    the order of the weights. With fewer than ``1 / max_share`` weights no cap can
+    hold, and the weights become uniform (the closest they can get).
+
+    Parameters
+    ----------
+    weights : Sequence[float]
+        Non-negative weights summing to 1.
+    max_share : float
+        The largest share any weight may have, in ``(0, 1]``.
+    """
+    w = np.asarray(weights, dtype=np.float64).copy()
+    n = len(w)
+    if n == 0 or max_share >= 1.0:
+        return w
+    if n * max_share <= 1.0:
+        return np.full(n, 1.0 / n)
+    capped = np.zeros(n, dtype=bool)
+    while True:
+        over = ~capped & (w > max_share * (1 + 1e-12))
+        if not over.any():
+            return w
+        capped |= over
+        w[capped] = max_share
+        free = ~capped
+        budget = 1.0 - max_share * capped.sum()
+        total = w[free].sum()
+        w[free] = w[free] * budget / total if total > 0 else budget / free.sum()
 
 
 def euclidean_distances(gram: np.ndarray, rtol: float = 1e-12) -> np.ndarray:

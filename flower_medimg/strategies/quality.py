@@ -1,23 +1,38 @@
-"""Screening of train replies before aggregation: one pass, every reply on its own.
+"""Screening of replies before anything reads them: one pass, every reply on its own.
 
-Every check returns a reason string (or None) so that the caller can log which node
-was dropped and why. :func:`screen_replies` applies them in this order and reads the
-accepted replies' arrays in place (see :mod:`._wire`), so the aggregation that
-follows does not parse them again:
+Every reply is hostile until screened (see the project's threat model). Every check
+returns a reason string (or None) so that the caller can log which node was dropped
+and why, and every reply is screened inside its own guard: whatever a reply holds,
+it costs only itself. :func:`screen_replies` applies the checks to train replies
+in this order and reads the accepted replies' arrays in place (see :mod:`._wire`),
+so the aggregation that follows does not parse them again:
 
 1. replies that carry an error;
 2. replies without exactly one ArrayRecord and one MetricRecord, or whose record
    names differ from the other replies';
-3. metrics: a key set that differs from the other replies', a missing or non-scalar
-   weighting / required metric, any non-finite metric value, ``num-examples <= 0``;
-4. arrays: missing or extra keys, a shape or dtype differing from the global model
-   (or, without one, from the most common layout among replies), a malformed
+3. metrics (:func:`check_metrics`): every value a finite scalar, the weighting and
+   required metrics present, ``num-examples`` a positive whole number within the
+   bounds, metrics with a known range inside it, and the same key set as the
+   other valid replies;
+4. arrays: missing or extra keys, a shape, dtype or serialisation differing from
+   the global model (or, without one, from the most common layout), a malformed
    payload;
-5. one read of each reply: its update norm ``||theta_k - theta||`` (non-finite
-   values give a non-finite norm), checked against an absolute bound and a factor
-   times the median update norm.
+5. one read of each reply: its update norm ``||theta_k - theta||`` and its largest
+   value (non-finite values give a non-finite norm), checked against an absolute
+   bound on the values, an absolute bound on the norm and a factor times the median
+   update norm;
+6. with three replies or more and ``min_cosine`` set: the cosine between every
+   two updates; an update whose cosine is below ``min_cosine`` with more than
+   half of the other updates is dropped. A sign-flipped or random update
+   disagrees with every honest one, and an honest update disagrees at most with
+   the bad one, so one bad site of three is caught. (A check against the
+   coordinate-wise median update misses a sign flip with three sites: where the
+   honest updates are weakly correlated, the median of ``(a, b, -3c)`` follows
+   ``-3c`` for small ``c``, and the flipped update's cosine with it was positive
+   in our runs.)
 
-The result, :class:`ScreenedReplies`, also describes every reply of the round
+:func:`screen_evaluate_replies` applies 1-3 to evaluate replies. The result of a
+train screening, :class:`ScreenedReplies`, also describes every reply of the round
 (:meth:`ScreenedReplies.outcomes`) for the registry and the audit log.
 """
 
@@ -26,7 +41,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from logging import INFO, WARNING
 from typing import Any
 
@@ -34,17 +49,21 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 
+from flower_medimg.core import protocol
+
 from ._wire import Layout, read_blocks
-from .kernels import update_sq_norms
+from .kernels import reply_magnitudes, update_gram
 
 __all__ = [
     "ReplyOutcome",
     "ScreenedReplies",
+    "ScreeningRules",
     "check_metrics",
     "check_record_structure",
     "check_update_norms",
     "log_rejection",
     "node_id_of",
+    "screen_evaluate_replies",
     "screen_replies",
 ]
 
@@ -57,9 +76,82 @@ def node_id_of(msg: Message) -> int:
         return -1
 
 
-def log_rejection(msg: Message, reason: str) -> None:
-    """Log that the train reply ``msg`` is dropped and why."""
-    log(WARNING, "\t> Rejected train reply from node %d: %s", node_id_of(msg), reason)
+def log_rejection(msg: Message, reason: str, kind: str = "train") -> None:
+    """Log that the reply ``msg`` is dropped and why."""
+    log(
+        WARNING, "\t> Rejected %s reply from node %d: %s", kind, node_id_of(msg), reason
+    )
+
+
+@dataclass(frozen=True)
+class ScreeningRules:
+    """What a reply must satisfy to be aggregated.
+
+    Attributes
+    ----------
+    weighted_by_key : str
+        Metric that weights the reply; must be a positive finite scalar.
+    required_metrics : tuple[str, ...]
+        Further metrics every reply must carry.
+    check_finite : bool
+        Reject replies with non-finite array values.
+    max_update_norm : Optional[float]
+        Reject updates whose norm exceeds this bound.
+    update_norm_factor : Optional[float]
+        Reject updates whose norm exceeds this factor times the median update
+        norm (three finite replies or more).
+    min_cosine : Optional[float]
+        Reject updates whose cosine is below this with more than half of the
+        other updates (three replies or more, global arrays known).
+    max_abs_value : Optional[float]
+        Reject replies holding a float value larger than this in magnitude.
+    max_num_examples : Optional[int]
+        Largest ``num-examples`` a site may claim.
+    num_examples_bounds : Mapping[int, int]
+        Per node, the largest ``num-examples`` it may claim (e.g. the training-set
+        size it reported in the statistics phase).
+    """
+
+    weighted_by_key: str = protocol.METRIC_NUM_EXAMPLES
+    required_metrics: tuple[str, ...] = ()
+    check_finite: bool = True
+    max_update_norm: float | None = None
+    update_norm_factor: float | None = None
+    min_cosine: float | None = None
+    max_abs_value: float | None = None
+    max_num_examples: int | None = None
+    num_examples_bounds: Mapping[int, int] = field(default_factory=dict)
+
+    def stricter(self, other: ScreeningRules) -> ScreeningRules:
+        """Return the rules that both ``self`` and ``other`` demand."""
+        required = list(self.required_metrics)
+        required += [m for m in other.required_metrics if m not in required]
+        return replace(
+            self,
+            required_metrics=tuple(required),
+            check_finite=self.check_finite or other.check_finite,
+            max_update_norm=_smaller(self.max_update_norm, other.max_update_norm),
+            update_norm_factor=_smaller(
+                self.update_norm_factor, other.update_norm_factor
+            ),
+            min_cosine=_larger(self.min_cosine, other.min_cosine),
+            max_abs_value=_smaller(self.max_abs_value, other.max_abs_value),
+            max_num_examples=_smaller(self.max_num_examples, other.max_num_examples),
+            num_examples_bounds={
+                **other.num_examples_bounds,
+                **self.num_examples_bounds,
+            },
+        )
+
+
+def _smaller(a: Any, b: Any) -> Any:
+    values = [x for x in (a, b) if x is not None]
+    return min(values) if values else None
+
+
+def _larger(a: Any, b: Any) -> Any:
+    values = [x for x in (a, b) if x is not None]
+    return max(values) if values else None
 
 
 @dataclass(frozen=True)
@@ -91,42 +183,64 @@ class ReplyOutcome:
         return asdict(self)
 
 
-def check_record_structure(msg: Message) -> str | None:
-    """Check that a reply holds exactly one ArrayRecord and one MetricRecord."""
+def check_record_structure(msg: Message, with_arrays: bool = True) -> str | None:
+    """Check that a reply holds one MetricRecord (and, to train, one ArrayRecord)."""
     content = msg.content
-    if len(content.array_records) != 1:
+    if with_arrays and len(content.array_records) != 1:
         return f"expected exactly one ArrayRecord, found {len(content.array_records)}"
     if len(content.metric_records) != 1:
         return f"expected exactly one MetricRecord, found {len(content.metric_records)}"
     return None
 
 
-def _is_finite(value: object) -> bool:
-    if isinstance(value, list):
-        return all(_is_finite(v) for v in value)
-    return isinstance(value, (int, float)) and math.isfinite(value)
+def _is_scalar(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def check_metrics(
-    metrics: MetricRecord,
-    weighted_by_key: str,
-    required: Sequence[str] = (),
+    metrics: MetricRecord, rules: ScreeningRules, node_id: int = -1
 ) -> str | None:
-    """Check the weighting and required metrics of a reply.
+    """Check a reply's metrics against ``rules``; return why it fails, or None.
 
-    Required metrics (and ``weighted_by_key``) must be present and scalar; every
-    metric must be finite; ``weighted_by_key`` must be positive.
+    Every value must be a finite scalar (a list is refused: nothing aggregates it
+    safely); the weighting metric and the required ones must be present and the
+    weighting metric positive; ``num-examples`` must be a whole number (not
+    ``12.5``) within ``max_num_examples`` and the node's own bound; metrics with a
+    known range (:data:`flower_medimg.core.protocol.METRIC_RANGES`) must lie in it.
     """
-    for key in (weighted_by_key, *required):
+    for key, value in metrics.items():
+        if not _is_scalar(value):
+            return f"metric '{key}' must be a number, got {type(value).__name__}"
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            return f"metric '{key}' is not finite ({value})"
+        low, high = protocol.METRIC_RANGES.get(key, (-math.inf, math.inf))
+        if not low <= value <= high:  # type: ignore[operator]
+            return f"metric '{key}' is {value}, outside [{low:g}, {high:g}]"
+    for key in (rules.weighted_by_key, *rules.required_metrics):
         if key not in metrics:
             return f"metric '{key}' is missing"
-        if isinstance(metrics[key], list):
-            return f"metric '{key}' must be a scalar, got a list"
-    for key, value in metrics.items():
-        if not _is_finite(value):
-            return f"metric '{key}' is not finite ({value})"
-    if metrics[weighted_by_key] <= 0:  # type: ignore[operator]
-        return f"metric '{weighted_by_key}' is {metrics[weighted_by_key]} (<= 0)"
+    weight = metrics[rules.weighted_by_key]
+    if weight <= 0:  # type: ignore[operator]
+        return f"metric '{rules.weighted_by_key}' is {weight} (<= 0)"
+    if protocol.METRIC_NUM_EXAMPLES in metrics:
+        return _check_num_examples(
+            metrics[protocol.METRIC_NUM_EXAMPLES], rules, node_id
+        )
+    return None
+
+
+def _check_num_examples(value: Any, rules: ScreeningRules, node_id: int) -> str | None:
+    key = protocol.METRIC_NUM_EXAMPLES
+    if not isinstance(value, int) or value <= 0:
+        return f"metric '{key}' must be a positive whole number, got {value!r}"
+    if rules.max_num_examples is not None and value > rules.max_num_examples:
+        return f"metric '{key}' is {value}, above the bound {rules.max_num_examples}"
+    bound = rules.num_examples_bounds.get(node_id)
+    if bound is not None and value > bound:
+        return (
+            f"metric '{key}' is {value}, more than the {bound} training samples the "
+            "site reported in the statistics phase"
+        )
     return None
 
 
@@ -224,24 +338,16 @@ class ScreenedReplies:
         self.metrics = [self.metrics[i] for i in keep]
         self.sq_norms = [self.sq_norms[i] for i in keep]
 
-    def measure(self) -> None:
-        """Measure every accepted reply's squared update norm (one read of each)."""
-        self.sq_norms = [
-            float(v) for v in update_sq_norms(self.columns, self.reference)
-        ]
-
-    def data_checks(
-        self,
-        max_update_norm: float | None = None,
-        update_norm_factor: float | None = None,
-        check_finite: bool = True,
-    ) -> None:
-        """Drop replies with non-finite arrays or too large updates."""
-        reasons = check_update_norms(
-            np.asarray(self.sq_norms), max_update_norm, update_norm_factor, check_finite
-        )
-        bad = [i for i, r in enumerate(reasons) if r is not None]
-        self.reject(bad, [reasons[i] for i in bad])  # type: ignore[misc]
+    def reject_non_positive(self, keys: Sequence[str]) -> None:
+        """Drop the accepted replies whose metric ``key`` is not above zero."""
+        bad, reasons = [], []
+        for i, metrics in enumerate(self.metrics):
+            for key in keys:
+                if not float(metrics[key]) > 0:  # type: ignore[arg-type]
+                    bad.append(i)
+                    reasons.append(f"metric '{key}' is {metrics[key]} (must be > 0)")
+                    break
+        self.reject(bad, reasons)
 
     def outcomes(
         self, weights: Mapping[int, float] | None = None
@@ -251,9 +357,7 @@ class ScreenedReplies:
         Parameters
         ----------
         weights : Mapping[int, float], optional
-            The aggregation weight of each accepted node; by default each accepted
-            reply's share of the summed weighting metric is not known and None is
-            recorded.
+            The aggregation weight of each accepted node (None where unknown).
         """
         accepted_norms = {
             node_id_of(msg): math.sqrt(max(sq, 0.0))
@@ -276,6 +380,68 @@ class ScreenedReplies:
             )
         return outcomes
 
+    # ---- the data checks (one read of every reply, then the robust tests) -------
+
+    def data_checks(self, rules: ScreeningRules) -> None:
+        """Measure every accepted reply once and drop those the rules refuse."""
+        self._measure(rules)
+        reasons = check_update_norms(
+            np.asarray(self.sq_norms),
+            rules.max_update_norm,
+            rules.update_norm_factor,
+            rules.check_finite,
+        )
+        bad = [i for i, r in enumerate(reasons) if r is not None]
+        self.reject(bad, [reasons[i] for i in bad])  # type: ignore[misc]
+        if rules.min_cosine is not None:
+            self._agreement_check(rules.min_cosine)
+
+    def _measure(self, rules: ScreeningRules) -> None:
+        """Squared update norm and largest value of each reply, each on its own."""
+        self.sq_norms = []
+        bad, reasons = [], []
+        for i, columns in enumerate(self.columns):
+            try:
+                sq_norms, largest = reply_magnitudes([columns], self.reference)
+                self.sq_norms.append(float(sq_norms[0]))
+                if (
+                    rules.max_abs_value is not None
+                    and math.isfinite(largest[0])
+                    and largest[0] > rules.max_abs_value
+                ):
+                    bad.append(i)
+                    reasons.append(
+                        f"holds a value of magnitude {largest[0]:.4g}, above the bound "
+                        f"{rules.max_abs_value:.4g}"
+                    )
+            except Exception as err:  # pylint: disable=broad-exception-caught
+                self.sq_norms.append(math.nan)
+                bad.append(i)
+                reasons.append(f"arrays could not be read ({type(err).__name__})")
+        self.reject(bad, reasons)
+
+    def _agreement_check(self, min_cosine: float) -> None:
+        """Drop updates that point away from most of the other updates."""
+        n = len(self.accepted)
+        if self.reference is None or self.layout is None or n < 3:
+            return
+        gram = update_gram(self.columns, self.reference, self.layout.float_blocks)
+        norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+        moving = norms > 0.0  # a zero update has no direction
+        bad, reasons = [], []
+        for k in np.flatnonzero(moving):
+            others = [j for j in np.flatnonzero(moving) if j != k]
+            cosines = [gram[k, j] / (norms[k] * norms[j]) for j in others]
+            against = sum(1 for c in cosines if not c >= min_cosine)
+            if others and against > len(others) / 2:
+                bad.append(int(k))
+                reasons.append(
+                    f"update points away from {against} of the {len(others)} other "
+                    f"updates (cosines {', '.join(f'{c:.3f}' for c in cosines)} "
+                    f"< {min_cosine:g})"
+                )
+        self.reject(bad, reasons)
+
 
 def _majority(values: list) -> object:
     """Most common value (first seen wins ties)."""
@@ -290,18 +456,115 @@ def _signature(record: ArrayRecord) -> tuple:
     return tuple((k, tuple(a.shape), a.dtype) for k, a in record.items())
 
 
-# pylint: disable-next=too-many-arguments,too-many-locals,too-many-branches
+@dataclass
+class _Candidate:
+    """A reply that passed the first checks, with its records looked up once."""
+
+    msg: Message
+    node_id: int
+    metrics_name: str
+    metrics: MetricRecord
+    arrays_name: str | None = None
+    arrays: ArrayRecord | None = None
+    reason: str | None = None
+
+
+def _candidates(
+    replies: Iterable[Message],
+    rules: ScreeningRules,
+    rejected: list[tuple[int, str]],
+    *,
+    with_arrays: bool,
+    kind: str,
+) -> tuple[list[_Candidate], int]:
+    """Error, structure and metric checks of each reply, each in its own guard."""
+    candidates: list[_Candidate] = []
+    num_errors = 0
+    for msg in replies:
+        node_id = node_id_of(msg)
+        try:
+            if msg.has_error():
+                num_errors += 1
+                reason = f"error reply ({msg.error.reason})"
+            else:
+                reason = check_record_structure(msg, with_arrays)
+            if reason is None:
+                metric_records = msg.content.metric_records
+                metrics_name = next(iter(metric_records))
+                metrics = metric_records[metrics_name]
+                candidate = _Candidate(msg, node_id, metrics_name, metrics)
+                if with_arrays:
+                    array_records = msg.content.array_records
+                    candidate.arrays_name = next(iter(array_records))
+                    candidate.arrays = array_records[candidate.arrays_name]
+                candidate.reason = check_metrics(metrics, rules, node_id)
+                candidates.append(candidate)
+                continue
+        except Exception as err:  # pylint: disable=broad-exception-caught
+            reason = f"reply could not be read ({type(err).__name__}: {err})"
+        log_rejection(msg, reason, kind)
+        rejected.append((node_id, reason))
+    # record names and metric key sets must agree among the valid replies
+    valid = [c for c in candidates if c.reason is None]
+    metrics_name = _majority([c.metrics_name for c in valid])
+    arrays_name = _majority([c.arrays_name for c in valid])
+    metric_keys = _majority([frozenset(c.metrics.keys()) for c in valid])
+    for c in valid:
+        if c.metrics_name != metrics_name:
+            c.reason = (
+                f"MetricRecord is named '{c.metrics_name}', expected '{metrics_name}'"
+            )
+        elif with_arrays and c.arrays_name != arrays_name:
+            c.reason = (
+                f"ArrayRecord is named '{c.arrays_name}', expected '{arrays_name}'"
+            )
+        elif frozenset(c.metrics.keys()) != metric_keys:
+            missing = sorted(metric_keys - set(c.metrics.keys()))  # type: ignore[operator]
+            extra = sorted(set(c.metrics.keys()) - metric_keys)  # type: ignore[operator]
+            c.reason = f"metric keys differ (missing {missing}, unexpected {extra})"
+    return candidates, num_errors
+
+
+def _layout(
+    reference: ArrayRecord | None, candidates: list[_Candidate]
+) -> Layout | None:
+    """Return the global model's layout, or the most common one of the replies."""
+    if reference is not None:
+        try:
+            return Layout.from_arrayrecord(reference)
+        except ValueError as err:
+            log(WARNING, "aggregate_train: cannot use the global arrays: %s", err)
+    records = [
+        c.arrays for c in candidates if c.reason is None and c.arrays is not None
+    ]
+    signatures = []
+    for record in records:
+        try:
+            signatures.append(_signature(record))
+        except Exception:  # pylint: disable=broad-exception-caught
+            signatures.append(None)
+    majority = _majority([s for s in signatures if s is not None])
+    if majority is None:
+        return None
+    try:
+        return Layout.from_arrayrecord(records[signatures.index(majority)])
+    except ValueError as err:
+        log(WARNING, "aggregate_train: unusable arrays: %s", err)
+        return None
+
+
 def screen_replies(
     replies: Iterable[Message],
     *,
     reference: ArrayRecord | None,
-    weighted_by_key: str = "num-examples",
-    required_metrics: Sequence[str] = (),
-    check_finite: bool = True,
-    max_update_norm: float | None = None,
-    update_norm_factor: float | None = None,
+    rules: ScreeningRules,
+    log_received: bool = True,
 ) -> ScreenedReplies:
-    """Validate train replies and read the accepted ones.
+    """Screen the train replies of one round and read the accepted ones.
+
+    Never raises for anything a reply holds: each reply is screened in its own
+    guard, and a reply that fails any check is dropped with a log line naming its
+    node and the reason.
 
     Parameters
     ----------
@@ -312,17 +575,11 @@ def screen_replies(
         replies must match them, and update norms are measured from them. If None,
         the most common layout among the replies is the reference and norms are
         those of the arrays.
-    weighted_by_key : str (default: "num-examples")
-        Metric holding the number of examples; must be positive.
-    required_metrics : Sequence[str] (default: ())
-        Further metrics a reply must carry as finite scalars.
-    check_finite : bool (default: True)
-        Reject replies with non-finite array values.
-    max_update_norm : Optional[float] (default: None)
-        Reject replies whose update norm exceeds this bound.
-    update_norm_factor : Optional[float] (default: None)
-        Reject replies whose update norm exceeds this factor times the median
-        update norm (needs at least three finite replies).
+    rules : ScreeningRules
+        What a reply must satisfy.
+    log_received : bool (default: True)
+        Log the round's ``Received N results and M failures`` line (off where a
+        wrapped Flower strategy logs it itself).
 
     Returns
     -------
@@ -332,100 +589,161 @@ def screen_replies(
     """
     replies = list(replies)
     screened = ScreenedReplies(order=[node_id_of(msg) for msg in replies])
-    candidates: list[Message] = []
-    num_errors = 0
-    for msg in replies:
-        if msg.has_error():
-            num_errors += 1
-            reason = f"error reply ({msg.error.reason})"
-        else:
-            reason = check_record_structure(msg)
-        if reason is None:
-            candidates.append(msg)
-        else:
-            log_rejection(msg, reason)
-            screened.rejected.append((node_id_of(msg), reason))
-    log(
-        INFO,
-        "aggregate_train: Received %s results and %s failures",
-        len(replies) - num_errors,
-        num_errors,
+    candidates, num_errors = _candidates(
+        replies, rules, screened.rejected, with_arrays=True, kind="train"
     )
-
-    # Look the records up once (RecordDict builds these views on every access)
-    records = []
-    for msg in candidates:
-        arrays = msg.content.array_records
-        metrics = msg.content.metric_records
-        array_name, metric_name = next(iter(arrays)), next(iter(metrics))
-        records.append(
-            (msg, array_name, arrays[array_name], metric_name, metrics[metric_name])
+    if log_received:
+        log(
+            INFO,
+            "aggregate_train: Received %s results and %s failures",
+            len(replies) - num_errors,
+            num_errors,
         )
-    # Record names must agree (Flower's consistency rules)
-    array_name = _majority([r[1] for r in records])
-    metric_name = _majority([r[3] for r in records])
-    layout: Layout | None = None
-    if reference is not None:
-        try:
-            layout = Layout.from_arrayrecord(reference)
-        except ValueError as err:
-            log(WARNING, "aggregate_train: cannot use the global arrays: %s", err)
-    if layout is None:
-        signatures = [_signature(r[2]) for r in records]
-        majority = _majority(signatures)
-        if majority is not None:
-            try:
-                layout = Layout.from_arrayrecord(records[signatures.index(majority)][2])
-            except ValueError as err:
-                log(WARNING, "aggregate_train: unusable arrays: %s", err)
+    layout = _layout(reference, candidates)
     screened.layout = layout
-
-    reasons: list[str | None] = []
-    for _, name, _, metrics_name, metrics in records:
-        if name != array_name:
-            reasons.append(f"ArrayRecord is named '{name}', expected '{array_name}'")
-        elif metrics_name != metric_name:
-            reasons.append(
-                f"MetricRecord is named '{metrics_name}', expected '{metric_name}'"
-            )
-        else:
-            reasons.append(check_metrics(metrics, weighted_by_key, required_metrics))
-    # metric key sets must agree too: the majority among the replies that passed
-    metric_keys = _majority(
-        [
-            frozenset(r[4].keys())
-            for r, why in zip(records, reasons, strict=True)
-            if why is None
-        ]
-    )
-    for (msg, _, record, _, metrics), reason in zip(records, reasons, strict=True):
-        if reason is None and frozenset(metrics.keys()) != metric_keys:
-            missing = sorted(metric_keys - set(metrics.keys()))  # type: ignore[operator]
-            extra = sorted(set(metrics.keys()) - metric_keys)  # type: ignore[operator]
-            reason = f"metric keys differ (missing {missing}, unexpected {extra})"
+    for c in candidates:
         columns = None
-        if reason is None:
+        if c.reason is None:
             if layout is None:
-                reason = "no usable model layout"
+                c.reason = "no usable model layout"
             else:
                 try:
-                    columns = read_blocks(record, layout)
-                except ValueError as err:
-                    reason = str(err)
-        if reason is not None:
-            log_rejection(msg, reason)
-            screened.rejected.append((node_id_of(msg), reason))
+                    columns = read_blocks(c.arrays, layout)  # type: ignore[arg-type]
+                except Exception as err:  # pylint: disable=broad-exception-caught
+                    c.reason = str(err) if isinstance(err, ValueError) else repr(err)
+        if c.reason is not None:
+            log_rejection(c.msg, c.reason)
+            screened.rejected.append((c.node_id, c.reason))
             continue
-        screened.accepted.append(msg)
+        screened.accepted.append(c.msg)
         screened.columns.append(columns)  # type: ignore[arg-type]
-        screened.metrics.append(metrics)
-
+        screened.metrics.append(c.metrics)
     if reference is not None and layout is not None:
         try:
             screened.reference = read_blocks(reference, layout)
         except ValueError as err:
             log(WARNING, "aggregate_train: cannot read the global arrays: %s", err)
-
-    screened.measure()
-    screened.data_checks(max_update_norm, update_norm_factor, check_finite)
+    screened.data_checks(rules)
     return screened
+
+
+def screen_evaluate_replies(
+    replies: Iterable[Message], rules: ScreeningRules
+) -> tuple[list[Message], list[tuple[int, str]]]:
+    """Screen the evaluate replies of one round; return the accepted and rejected.
+
+    The same guards and metric checks as :func:`screen_replies` (an evaluate reply
+    carries one MetricRecord and needs no arrays): a non-scalar, non-finite or
+    out-of-range metric, a missing or lying ``num-examples`` drops the reply
+    (``num_examples_bounds`` are training-set sizes and do not apply here).
+    """
+    rejected: list[tuple[int, str]] = []
+    rules = replace(rules, num_examples_bounds={})  # the bounds are training sets
+    candidates, _ = _candidates(
+        replies, rules, rejected, with_arrays=False, kind="evaluate"
+    )
+    accepted = []
+    for c in candidates:
+        if c.reason is None:
+            accepted.append(c.msg)
+        else:
+            log_rejection(c.msg, c.reason, "evaluate")
+            rejected.append((c.node_id, c.reason))
+    return accepted, rejected
+
+
+class ReplyScreening:
+    """The reply checks a strategy (or the gate) applies, as constructor parameters.
+
+    Shared by :class:`~flower_medimg.strategies.FastFedAvg` and
+    :class:`~flower_medimg.strategies.QualityGate`; all checks default to what
+    Flower's ``FedAvg`` accepts except non-finite values and malformed replies.
+
+    Parameters
+    ----------
+    check_finite : bool (default: True)
+        Drop replies with non-finite array values.
+    max_update_norm : Optional[float] (default: None)
+        Drop replies whose update norm ``||theta_k - theta||`` exceeds this bound.
+    update_norm_factor : Optional[float] (default: None)
+        Drop replies whose update norm exceeds this factor times the round's median
+        update norm (applied with at least three replies).
+    min_cosine : Optional[float] (default: None)
+        Drop updates whose cosine is below this with more than half of the other
+        updates (three replies or more).
+    max_abs_value : Optional[float] (default: None)
+        Drop replies holding a value larger than this in magnitude.
+    max_num_examples : Optional[int] (default: None)
+        Drop replies claiming more samples than this.
+    max_weight_share : Optional[float] (default: None)
+        Cap every reply's aggregation weight at this share (0.5: no site weighs
+        more than all the others together); the excess goes to the others in
+        proportion (:func:`~flower_medimg.strategies.kernels.cap_shares`).
+    """
+
+    _screening_names = (
+        "check_finite",
+        "max_update_norm",
+        "update_norm_factor",
+        "min_cosine",
+        "max_abs_value",
+        "max_num_examples",
+        "max_weight_share",
+    )
+
+    # pylint: disable-next=too-many-arguments
+    def _setup_screening(
+        self,
+        check_finite: bool = True,
+        max_update_norm: float | None = None,
+        update_norm_factor: float | None = None,
+        min_cosine: float | None = None,
+        max_abs_value: float | None = None,
+        max_num_examples: int | None = None,
+        max_weight_share: float | None = None,
+    ) -> None:
+        for name, value in (
+            ("max_update_norm", max_update_norm),
+            ("update_norm_factor", update_norm_factor),
+            ("max_abs_value", max_abs_value),
+            ("max_num_examples", max_num_examples),
+        ):
+            if value is not None and not value > 0:
+                raise ValueError(f"`{name}` must be positive, got {value}")
+        if min_cosine is not None and not -1.0 <= min_cosine <= 1.0:
+            raise ValueError(f"`min_cosine` must be in [-1, 1], got {min_cosine}")
+        if max_weight_share is not None and not 0.0 < max_weight_share <= 1.0:
+            raise ValueError(
+                f"`max_weight_share` must be in (0, 1], got {max_weight_share}"
+            )
+        self.check_finite = check_finite
+        self.max_update_norm = max_update_norm
+        self.update_norm_factor = update_norm_factor
+        self.min_cosine = min_cosine
+        self.max_abs_value = max_abs_value
+        self.max_num_examples = max_num_examples
+        self.max_weight_share = max_weight_share
+        #: Per node, the largest ``num-examples`` it may claim (set by the ServerApp
+        #: from the statistics phase).
+        self.num_examples_bounds: dict[int, int] = {}
+
+    def screening_rules(
+        self, weighted_by_key: str, required_metrics: Sequence[str] = ()
+    ) -> ScreeningRules:
+        """Return the rules these parameters describe."""
+        return ScreeningRules(
+            weighted_by_key=weighted_by_key,
+            required_metrics=tuple(required_metrics),
+            check_finite=self.check_finite,
+            max_update_norm=self.max_update_norm,
+            update_norm_factor=self.update_norm_factor,
+            min_cosine=self.min_cosine,
+            max_abs_value=self.max_abs_value,
+            max_num_examples=self.max_num_examples,
+            num_examples_bounds=dict(self.num_examples_bounds),
+        )
+
+    def _log_screening(self) -> None:
+        log(INFO, "\t├──> Reply checks:")
+        for name in self._screening_names:
+            log(INFO, "\t│\t├── %s: %s", name, getattr(self, name))

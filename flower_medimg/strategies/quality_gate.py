@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from logging import ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -15,8 +23,18 @@ from flwr.serverapp.strategy import Strategy
 from flower_medimg.core import protocol
 
 from ._wire import cast_to_dtype
+from .chain import strategy_chain
 from .fast_fedavg import FastFedAvg
-from .quality import ReplyOutcome, ScreenedReplies, node_id_of, screen_replies
+from .kernels import cap_shares
+from .quality import (
+    ReplyOutcome,
+    ReplyScreening,
+    ScreenedReplies,
+    ScreeningRules,
+    node_id_of,
+    screen_evaluate_replies,
+    screen_replies,
+)
 
 __all__ = ["QualityGate", "restore_layout"]
 
@@ -47,17 +65,16 @@ _OWN_ATTRIBUTES = frozenset(
     {
         "strategy",
         "required_metrics",
-        "check_finite",
-        "max_update_norm",
-        "update_norm_factor",
         "current_arrays",
         "last_outcomes",
+        "num_examples_bounds",
         "_weighted_by_key",
+        *ReplyScreening._screening_names,
     }
 )
 
 
-class QualityGate(Strategy):
+class QualityGate(ReplyScreening, Strategy):
     """Wrap a strategy so that malformed or harmful train replies never reach it.
 
     ``QualityGate(FedAvg())``, ``QualityGate(Krum(num_malicious_nodes=1))`` or
@@ -70,8 +87,15 @@ class QualityGate(Strategy):
       metric key set differing from the other replies', or ``num-examples <= 0``;
     - has missing or extra array keys, or shapes / dtypes differing from the global
       model sent in ``configure_train``;
-    - holds non-finite array values, or (optionally) an update norm above
-      ``max_update_norm`` or above ``update_norm_factor`` times the median norm.
+    - holds non-finite array values, or (optionally) values above
+      ``max_abs_value``, an update norm above ``max_update_norm`` or above
+      ``update_norm_factor`` times the median norm, or an update pointing away from
+      most of the other updates (``min_cosine``);
+
+    and caps every remaining reply's weight at ``max_weight_share`` (in front of
+    Flower's strategies by lowering the weighting metric the wrapped strategy
+    reads). Evaluate replies are screened the same way before the wrapped
+    ``aggregate_evaluate`` sees them.
 
     An exception raised by the wrapped ``aggregate_train`` is caught and logged and
     the round keeps the previous global model (``(None, None)`` is returned), so one
@@ -95,13 +119,10 @@ class QualityGate(Strategy):
     required_metrics : Sequence[str] (default: ())
         Metrics every train reply must carry as finite scalars, besides the wrapped
         strategy's ``weighted_by_key``.
-    check_finite : bool (default: True)
-        Drop replies with non-finite array values (one read of each reply).
-    max_update_norm : Optional[float] (default: None)
-        Drop replies whose update norm ``||theta_k - theta||`` exceeds this bound.
-    update_norm_factor : Optional[float] (default: None)
-        Drop replies whose update norm exceeds this factor times the round's median
-        update norm (applied with at least three replies).
+    check_finite, max_update_norm, update_norm_factor, min_cosine, max_abs_value, \
+max_num_examples, max_weight_share
+        The reply checks and the weight cap; see
+        :class:`~flower_medimg.strategies.quality.ReplyScreening`.
     weighted_by_key : Optional[str] (default: None)
         Metric holding the number of examples; defaults to the wrapped strategy's
         ``weighted_by_key`` (or ``"num-examples"``).
@@ -116,6 +137,10 @@ class QualityGate(Strategy):
         check_finite: bool = True,
         max_update_norm: float | None = None,
         update_norm_factor: float | None = None,
+        min_cosine: float | None = None,
+        max_abs_value: float | None = None,
+        max_num_examples: int | None = None,
+        max_weight_share: float | None = None,
         weighted_by_key: str | None = None,
     ) -> None:
         if not isinstance(strategy, Strategy):
@@ -125,9 +150,15 @@ class QualityGate(Strategy):
             )
         self.strategy = strategy
         self.required_metrics = tuple(required_metrics)
-        self.check_finite = check_finite
-        self.max_update_norm = max_update_norm
-        self.update_norm_factor = update_norm_factor
+        self._setup_screening(
+            check_finite,
+            max_update_norm,
+            update_norm_factor,
+            min_cosine,
+            max_abs_value,
+            max_num_examples,
+            max_weight_share,
+        )
         self._weighted_by_key = weighted_by_key
         self.current_arrays: ArrayRecord | None = None
         self.last_outcomes: list[ReplyOutcome] = []
@@ -156,9 +187,7 @@ class QualityGate(Strategy):
         """Log summary configuration of the strategy."""
         log(INFO, "\t├──> QualityGate in front of %s:", type(self.strategy).__name__)
         log(INFO, "\t│\t├── Required metrics: %s", list(self.required_metrics))
-        log(INFO, "\t│\t├── Non-finite arrays dropped: %s", self.check_finite)
-        log(INFO, "\t│\t├── Max update norm: %s", self.max_update_norm)
-        log(INFO, "\t│\t└── Update norm factor (x median): %s", self.update_norm_factor)
+        self._log_screening()
         self.strategy.summary()
 
     def configure_train(
@@ -168,25 +197,21 @@ class QualityGate(Strategy):
         self.current_arrays = arrays
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
+    @property
+    def rules(self) -> ScreeningRules:
+        """One set of rules: the gate's, and the wrapped strategy's if it is ours."""
+        rules = self.screening_rules(self.weighted_by_key, self.required_metrics)
+        if isinstance(self.strategy, FastFedAvg):
+            rules = rules.stricter(self.strategy.rules)
+        return rules
+
     def _screen(self, replies: Iterable[Message]) -> ScreenedReplies:
         """One screening pass with the gate's rules (and the strategy's, if ours)."""
-        inner = self.strategy
-        required = list(self.required_metrics)
-        max_norm, factor = self.max_update_norm, self.update_norm_factor
-        check_finite = self.check_finite
-        if isinstance(inner, FastFedAvg):
-            required += [m for m in inner.required_metrics if m not in required]
-            max_norm = _stricter(max_norm, inner.max_update_norm)
-            factor = _stricter(factor, inner.update_norm_factor)
-            check_finite = check_finite or inner.check_finite
         return screen_replies(
             replies,
             reference=self.current_arrays,
-            weighted_by_key=self.weighted_by_key,
-            required_metrics=required,
-            check_finite=check_finite,
-            max_update_norm=max_norm,
-            update_norm_factor=factor,
+            rules=self.rules,
+            log_received=isinstance(self.strategy, FastFedAvg),
         )
 
     def aggregate_train(
@@ -200,7 +225,9 @@ class QualityGate(Strategy):
         except Exception as err:  # pylint: disable=broad-exception-caught
             log(ERROR, "QualityGate: screening failed (%r); keeping the model", err)
             return None, None
-        self.last_outcomes = screened.outcomes(_shares(screened, self.weighted_by_key))
+        self.last_outcomes = screened.outcomes(
+            _shares(screened, self.weighted_by_key, self.max_weight_share)
+        )
         num_accepted, num_rejected = len(screened.accepted), len(screened.rejected)
         log(
             INFO,
@@ -219,9 +246,10 @@ class QualityGate(Strategy):
                 )
                 self.last_outcomes = self.strategy.last_outcomes
             else:
-                arrays, metrics = self.strategy.aggregate_train(
-                    server_round, screened.accepted
-                )
+                with _metrics_of(self.strategy, "train", screened.accepted):
+                    arrays, metrics = self.strategy.aggregate_train(
+                        server_round, self._with_capped_weights(screened.accepted)
+                    )
         except Exception as err:  # pylint: disable=broad-exception-caught
             log(
                 ERROR,
@@ -251,23 +279,109 @@ class QualityGate(Strategy):
         server_round: int,
         replies: Iterable[Message],
     ) -> MetricRecord | None:
-        """Delegate to the wrapped strategy."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        """Screen the evaluate replies, then delegate the valid ones."""
+        try:
+            accepted, rejected = screen_evaluate_replies(
+                replies, self.screening_rules(self.weighted_by_key)
+            )
+            log(
+                INFO,
+                "QualityGate: %d evaluate replies accepted, %d rejected (nodes %s)",
+                len(accepted),
+                len(rejected),
+                [node_id for node_id, _ in rejected],
+            )
+            if not accepted:
+                return None
+            with _metrics_of(self.strategy, "evaluate", accepted):
+                return self.strategy.aggregate_evaluate(
+                    server_round, self._with_capped_weights(accepted)
+                )
+        except Exception as err:  # pylint: disable=broad-exception-caught
+            log(ERROR, "QualityGate: evaluation aggregate failed (%r)", err)
+            return None
+
+    def _with_capped_weights(self, replies: list[Message]) -> list[Message]:
+        """Lower the weighting metric of replies above ``max_weight_share``.
+
+        A Flower strategy weights by the metric itself, so the cap is applied to a
+        copy of each reply's MetricRecord that the wrapped strategy reads (its
+        metric aggregation still sees what the sites sent, see :func:`_metrics_of`).
+        """
+        if self.max_weight_share is None or len(replies) < 2:
+            return replies
+        key = self.weighted_by_key
+        records = [next(iter(r.content.metric_records.values())) for r in replies]
+        values = np.array([float(m[key]) for m in records])  # type: ignore[arg-type]
+        total = float(values.sum())
+        capped = cap_shares(values / total, self.max_weight_share) * total
+        if np.allclose(capped, values, rtol=1e-12, atol=0):
+            return replies
+        out = []
+        for reply, record, before, after in zip(
+            replies, records, values, capped, strict=True
+        ):
+            if after < before * (1 - 1e-9):
+                log(
+                    WARNING,
+                    "QualityGate: weight of node %d capped from %.4f to %.4f "
+                    "(max-weight-share %g)",
+                    node_id_of(reply),
+                    before / total,
+                    after / total,
+                    self.max_weight_share,
+                )
+            out.append(_with_metric(reply, record, key, float(after)))
+        return out
 
 
-def _stricter(a: float | None, b: float | None) -> float | None:
-    """Return the smaller of two optional bounds (None is no bound)."""
-    bounds = [x for x in (a, b) if x is not None]
-    return min(bounds) if bounds else None
+def _with_metric(
+    reply: Message, record: MetricRecord, key: str, value: float
+) -> Message:
+    """Return a copy of ``reply`` whose MetricRecord has ``key`` = ``value``."""
+    content = RecordDict(dict(reply.content.items()))
+    name = next(iter(reply.content.metric_records))
+    content[name] = MetricRecord({**dict(record), key: value})
+    return Message(content, metadata=reply.metadata)
 
 
-def _shares(screened: ScreenedReplies, weighted_by_key: str) -> dict[int, float]:
-    """Each accepted reply's share of the summed weighting metric."""
+def _shares(
+    screened: ScreenedReplies, weighted_by_key: str, max_share: float | None
+) -> dict[int, float]:
+    """Each accepted reply's share of the summed weighting metric, capped."""
     sizes = screened.metric(weighted_by_key)
     total = float(sizes.sum())
     if total <= 0:
         return {}
+    shares = sizes / total
+    if max_share is not None and len(shares) > 1:
+        shares = cap_shares(shares, max_share)
     return {
-        node_id_of(msg): float(size) / total
-        for msg, size in zip(screened.accepted, sizes, strict=True)
+        node_id_of(msg): float(share)
+        for msg, share in zip(screened.accepted, shares, strict=True)
     }
+
+
+@contextmanager
+def _metrics_of(
+    strategy: Strategy, phase: str, replies: list[Message]
+) -> Iterator[None]:
+    """Let ``strategy``'s metric aggregation read ``replies`` as the sites sent them.
+
+    The wrapped strategy receives copies whose weighting metric is capped; the
+    ``<phase>_metrics_aggr_fn`` of the first strategy down the chain that has one
+    (a recorder of each site's metrics, or Flower's average) gets the original
+    contents for the time of the call.
+    """
+    name = f"{phase}_metrics_aggr_fn"
+    owners = [level for level in strategy_chain(strategy) if name in vars(level)]
+    if not owners:
+        yield
+        return
+    owner, aggregate = owners[0], vars(owners[0])[name]
+    originals = [reply.content for reply in replies]
+    setattr(owner, name, lambda _contents, key: aggregate(originals, key))
+    try:
+        yield
+    finally:
+        setattr(owner, name, aggregate)
