@@ -16,6 +16,11 @@ Quick run (a few minutes on 2 cores)::
 Full run (long; needs ~20 GB of memory for the 30M-parameter model at N = 50)::
 
     python benchmarks/aggregation.py
+
+The cost of the gate in front of our own strategy, both with the default run
+config's screening (``gate.*``), timed round-robin (BLAS pinned to one thread)::
+
+    python benchmarks/aggregation.py --gate-overhead --models unet --clients 3,10
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import statistics
 import time
 import tracemalloc
@@ -159,6 +165,45 @@ def strategies(num: int, global_arrays: ArrayRecord) -> dict[str, Callable]:
     }
 
 
+def default_screening() -> dict:
+    """The reply checks of the default run config (``gate.*``) as keyword arguments."""
+    from flower_medimg.core.settings import resolve_settings  # noqa: PLC0415
+    from flower_medimg.server_app import screening_parameters  # noqa: PLC0415
+
+    return screening_parameters(resolve_settings())
+
+
+def gate_overhead(model_name: str, num: int, repeats: int) -> None:
+    """Time FastFedAvg and QualityGate(FastFedAvg), default screening, round-robin."""
+    state = build_model(model_name)
+    client_arrays = make_arrays(state, num)
+    global_arrays = ArrayRecord(
+        {k: Array(np.ascontiguousarray(v)) for k, v in state.items()}
+    )
+    checks = default_screening()
+    variants = {
+        "FastFedAvg": lambda: FastFedAvg(**checks),
+        "QualityGate(FastFedAvg)": lambda: QualityGate(FastFedAvg(**checks), **checks),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for index in range(repeats + 1):  # the first pass is the warm-up
+        for name, factory in variants.items():
+            strategy = factory()
+            strategy.current_arrays = global_arrays
+            replies = make_replies(client_arrays)
+            gc.collect()
+            start = time.perf_counter()
+            strategy.aggregate_train(1, replies)
+            if index:
+                times[name].append(time.perf_counter() - start)
+    ours, gated = (statistics.median(t) for t in times.values())
+    print(
+        f"{MODELS[model_name]}, N = {num}: FastFedAvg {ours * 1e3:.1f} ms, "
+        f"QualityGate(FastFedAvg) {gated * 1e3:.1f} ms (median of {repeats}, "
+        f"round-robin): ratio {gated / ours:.3f}"
+    )
+
+
 def time_call(fn: Callable[[], object], prepare: Callable[[], object], repeats: int):
     """Median seconds of ``fn(prepare())`` after one warm-up; peak MiB of one call."""
     fn(prepare())
@@ -241,6 +286,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", default="", help="comma-separated strategy names")
     parser.add_argument(
+        "--gate-overhead",
+        action="store_true",
+        help="QualityGate(FastFedAvg) / FastFedAvg with the default screening",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="N = 10, 20; UNet and DenseNet121; 3 repeats",
@@ -249,6 +299,16 @@ def main() -> None:
     if args.quick:
         args.clients, args.models, args.repeats = "10,20", "unet,densenet", 3
     logging.getLogger("flwr").setLevel(logging.ERROR)
+    if args.gate_overhead:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(1)
+        print(f"load: {os.getloadavg()}")
+        for model_name in args.models.split(","):
+            for num in (int(n) for n in args.clients.split(",")):
+                gate_overhead(model_name.strip(), num, args.repeats)
+        print(f"load: {os.getloadavg()}")
+        return
     only = {s.strip() for s in args.only.split(",") if s.strip()} or None
     print(f"numpy {np.__version__}; repeats {args.repeats} (median), 1 warm-up")
     for model_name in args.models.split(","):

@@ -50,16 +50,29 @@ __all__ = ["app", "central_evaluator", "make_server_app", "run_experiment"]
 
 
 def central_evaluator(settings: Settings) -> Callable[[ArrayRecord], dict[str, float]]:
-    """Evaluate global arrays on the server-held synthetic test set."""
+    """Evaluate global arrays on the server-held synthetic test sets.
+
+    Both are held out from every site: new patients at the sites' scanners (the
+    metrics under their own names, ``central/dice``) and at a scanner no site has
+    (``central/unseen-dice``: a hospital that did not train).
+    """
     task = get_task(settings["task"])
-    dataset = central_test_dataset(settings)
-    loader = DataLoader(dataset, batch_size=settings["train.batch-size"])
+    batch_size = settings["train.batch-size"]
+    loaders = {
+        prefix: DataLoader(central_test_dataset(settings, scanners), batch_size)
+        for prefix, scanners in (("", "seen"), ("unseen-", "unseen"))
+    }
     model = model_from_settings(settings)
     dev = device()
 
     def evaluate(arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
-        return task.evaluate(model.to(dev), loader, dev)
+        model.to(dev)
+        return {
+            f"{prefix}{key}": value
+            for prefix, loader in loaders.items()
+            for key, value in task.evaluate(model, loader, dev).items()
+        }
 
     return evaluate
 

@@ -61,6 +61,13 @@ def final_dice(summary: dict) -> float:
     return summary["rounds"][-1]["central"].get("dice", math.nan)
 
 
+def rejections(summary: dict) -> str:
+    """Replies the gate rejected, per round (e.g. ``1,1,0,1,1``)."""
+    return ",".join(
+        str(int(r["train"].get("gate-rejected", 0))) for r in summary["rounds"]
+    )
+
+
 #: One hostile site under the default run config: (row, strategy, attack).
 DEFAULT_PROBES = (
     ("sign-flip (-3x)", "fedavg", "sign-flip"),
@@ -82,12 +89,15 @@ def default_part(rounds: int, samples_per_site: int) -> None:
             "strategy.min-train-nodes": sites,
         }
         print(f"\n== default run config, {sites} sites, {rounds} rounds ==")
-        clean = {
-            name: final_dice(simulate({**base, "strategy.name": name}, sites)[0])
-            for name in sorted({strategy for _, strategy, _ in DEFAULT_PROBES})
-        }
+        clean = {}
+        for name in sorted({strategy for _, strategy, _ in DEFAULT_PROBES}):
+            summary, _ = simulate({**base, "strategy.name": name}, sites)
+            clean[name] = final_dice(summary)
+            print(
+                f"{'clean, default (' + name + ')':34s} Dice {clean[name]:.4f}  "
+                f"rejected per round {rejections(summary)}"
+            )
         gate_off = final_dice(simulate({**base, "gate.enabled": False}, sites)[0])
-        print(f"{'clean, default (FedAvg)':34s} Dice {clean['fedavg']:.4f}")
         print(
             f"{'clean, gate off':34s} Dice {gate_off:.4f}  (default = "
             f"{clean['fedavg'] / gate_off:.1%} of gate off)"
@@ -105,7 +115,7 @@ def default_part(rounds: int, samples_per_site: int) -> None:
             dice = final_dice(summary)
             print(
                 f"{row:34s} Dice {dice:.4f}  ({dice / clean[strategy]:.1%} of clean "
-                f"{strategy})"
+                f"{strategy})  rejected per round {rejections(summary)}"
             )
 
 

@@ -26,6 +26,7 @@ DEVICE = "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')"
 
 
 def _preprocessing(keys: list[str], label: bool) -> dict:
+    """Load and scale; training drops the metadata, inference keeps the file names."""
     transforms = [
         {"_target_": "LoadImaged", "keys": keys, "image_only": True},
         {"_target_": "EnsureChannelFirstd", "keys": keys},
@@ -35,7 +36,10 @@ def _preprocessing(keys: list[str], label: bool) -> dict:
         transforms.append(
             {"_target_": "AsDiscreted", "keys": "label", "threshold": 0.5}
         )
-    transforms.append({"_target_": "EnsureTyped", "keys": keys, "track_meta": False})
+    keep_meta = not label  # inference: SaveImaged names each output after its image
+    transforms.append(
+        {"_target_": "EnsureTyped", "keys": keys, "track_meta": keep_meta}
+    )
     return {"_target_": "Compose", "transforms": transforms}
 
 
@@ -175,7 +179,6 @@ def bundle_configs(
                 {
                     "_target_": "SaveImaged",
                     "keys": "pred",
-                    "meta_keys": "$None",
                     "output_dir": "@output_dir",
                     "output_postfix": "prob",
                     "output_dtype": "$numpy.float32",

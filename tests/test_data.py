@@ -190,30 +190,18 @@ def test_3d_simulation():
     assert train[0]["image"].shape == train[0]["label"].shape == (1, 16, 16, 16)
 
 
-def test_central_test_dataset_is_all_validation_splits():
-    test_set = central_test_dataset(
-        _settings("classification", {**RUN_CONFIG, "data.num-sites": 3})
-    )
-    sizes = [
-        len(
-            site_datasets(
-                _settings("classification", RUN_CONFIG),
-                {"partition-id": k, "num-partitions": 3},
-            )[1]
-        )
+def test_central_test_datasets_are_held_out_and_cached():
+    settings = _settings("classification", {**RUN_CONFIG, "data.num-sites": 3})
+    seen = central_test_dataset(settings)
+    unseen = central_test_dataset(settings, "unseen")
+    per_site = max(2, round(RUN_CONFIG["data.samples-per-site"] * 0.25))
+    assert len(seen) == len(unseen) == 3 * per_site
+    site_images = [
+        item["image"]
         for k in range(3)
+        for split in site_datasets(settings, {"partition-id": k, "num-partitions": 3})
+        for item in split
     ]
-    assert len(test_set) == sum(sizes)
-    last_val = site_datasets(
-        _settings("classification", RUN_CONFIG),
-        {"partition-id": 2, "num-partitions": 3},
-    )[1]
-    assert torch.equal(
-        test_set[len(test_set) - 1]["image"], last_val[len(last_val) - 1]["image"]
-    )
-    assert (
-        central_test_dataset(
-            _settings("classification", {**RUN_CONFIG, "data.num-sites": 3})
-        )
-        is test_set
-    )
+    for item in [*seen, *unseen]:
+        assert not any(torch.equal(item["image"], x) for x in site_images)
+    assert central_test_dataset(settings) is seen  # built once per run

@@ -170,16 +170,28 @@ def test_scanner_shift_changes_intensity_statistics(seed):
     assert min(shifted) > max(iid)
 
 
-def test_test_set_is_union_of_validation_splits():
+def test_test_set_is_held_out_and_has_an_unseen_scanner():
     kwargs = {"image_size": 16, "samples_per_site": 8, "quantity_skew": 0.5, "seed": 4}
-    test_set = synthetic_test_set("classification", 3, **kwargs)
-    expected = []
-    for k in range(3):
-        expected += synthetic_site("classification", k, 3, **kwargs)["validation"]
-    assert len(test_set) == len(expected)
-    for got, want in zip(test_set, expected, strict=True):
+    seen = synthetic_test_set("classification", 3, **kwargs)
+    unseen = synthetic_test_set("classification", 3, scanners="unseen", **kwargs)
+    assert len(seen) == len(unseen) == 3 * 2  # round(8 * 0.25) new patients per site
+    site_images = [
+        item["image"]
+        for k in range(3)
+        for split in synthetic_site("classification", k, 3, **kwargs).values()
+        for item in split
+    ]
+    for item in seen + unseen:  # no site holds a test image
+        assert not any(np.array_equal(item["image"], x) for x in site_images)
+    # balanced: each site's test patients are one per class (2 classes, 2 patients)
+    assert sorted(item["label"] for item in seen) == [0, 0, 0, 1, 1, 1]
+    # the unseen scanner is none of the sites'
+    assert all(scanner_profile(3, 4) != scanner_profile(k, 4) for k in range(3))
+    again = synthetic_test_set("classification", 3, scanners="unseen", **kwargs)
+    for got, want in zip(again, unseen, strict=True):
         assert np.array_equal(got["image"], want["image"])
-        assert got["label"] == want["label"]
+    with pytest.raises(ValueError, match="scanners"):
+        synthetic_test_set("classification", 3, scanners="other", **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvgM
 from flower_medimg.client_apps.statistics import statistics_reply, summarise_site
 from flower_medimg.core.models import model_from_settings
 from flower_medimg.core.settings import resolve_settings
+from flower_medimg.data import site_datasets
 from flower_medimg.lifecycle import (
     AuditLog,
     BestModel,
@@ -26,6 +27,7 @@ from flower_medimg.lifecycle.integrity import ServerKey
 from flower_medimg.lifecycle.resume_state import ResumeState
 from flower_medimg.lifecycle.statistics import (
     SiteStatistics,
+    check_site_statistics,
     js_distance,
     pool_statistics,
 )
@@ -190,6 +192,78 @@ def test_summarise_site_and_pool_flag_the_shifted_site():
     assert pooled["num-images"] == 12
     # equal voxel counts: the pooled mean is the mean of the site means
     assert pooled["mean"] == pytest.approx(np.mean([s.mean for s in sites]))
+
+
+def test_sites_that_all_differ_alike_are_not_flagged_an_extreme_one_is():
+    def histogram(peak, bins=10, spread=1):
+        counts = [0] * bins
+        for b in range(peak - spread, peak + spread + 1):
+            counts[b] = 10
+        return counts
+
+    def site(node_id, peak):
+        counts = histogram(peak)
+        values = {"histogram": counts, "below": 0, "above": 0, "count": sum(counts)}
+        values.update({"sum": 1.0, "sum-sq": 1.0, "num-images": 1, "label-counts": []})
+        return SiteStatistics(node_id, values)
+
+    # four scanners, each one bin apart: every closest distance is the same
+    alike = [site(k, peak) for k, peak in enumerate((2, 3, 4, 5))]
+    pool_statistics(alike, flag_distance=0.1)
+    assert len({round(s.distance, 12) for s in alike}) == 1 and alike[0].distance > 0.3
+    assert not any(s.flagged for s in alike)
+    # one far off: its closest distance is 1 (disjoint), the others' sqrt(1/3)
+    apart = [site(k, peak) for k, peak in enumerate((2, 3, 4, 8))]
+    pool_statistics(apart, flag_distance=0.1)
+    assert [s.flagged for s in apart] == [False, False, False, True]
+    assert apart[3].distance == pytest.approx(1.0)
+
+
+def test_the_default_demo_flags_at_most_one_site():
+    settings = resolve_settings()  # 4 default synthetic sites
+    sites = []
+    for k in range(settings["data.num-sites"]):
+        train, val = site_datasets(settings, {"partition-id": k, "num-partitions": 4})
+        values = summarise_site([*train, *val], 32, (0.0, 1.0), 2)
+        sites.append(SiteStatistics(k, values))
+    pool_statistics(
+        sites, settings["stats.flag-distance"], settings["stats.flag-factor"]
+    )
+    assert sum(s.flagged for s in sites) <= 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"histogram": [1, 2]}, "'histogram' has 2 bins, the query asked 4"),
+        ({"count": 0}, "'count' must be a whole number > 0"),
+        ({"sum": float("nan")}, "'sum' must be a finite number"),
+        ({"below": [1]}, "'below' must be a whole number >= 0"),
+        ({"above": 1}, "does not add up to 'count'"),
+        ({"num-train": 9}, "'num-train' = 9 is more than 'num-images' = 3"),
+        ({"extra": 1}, "unknown key 'extra'"),
+        ({"label-counts": None}, "'label-counts' must be a list"),
+    ],
+)
+def test_a_statistics_reply_that_does_not_add_up_is_refused(change, message):
+    values = {
+        "num-images": 3,
+        "histogram": [4, 3, 2, 1],
+        "below": 0,
+        "above": 0,
+        "count": 10,
+        "sum": 4.0,
+        "sum-sq": 2.0,
+        "shape-min": [2, 5],
+        "shape-max": [2, 5],
+        "spacing-mean": [],
+        "label-counts": [8, 2],
+        "num-train": 2,
+    }
+    check_site_statistics(values, bins=4)  # the honest reply passes
+    with pytest.raises(ValueError) as caught:
+        check_site_statistics({**values, **change}, bins=4)
+    assert message in str(caught.value)
 
 
 def test_statistics_reply_declines_and_carries_no_pixels():

@@ -44,6 +44,7 @@ def test_ray_simulation_three_sites_two_rounds(tmp_path):
         assert len(entry["clients-evaluate"]) == 3
         assert 0.0 <= entry["evaluate"]["dice"] <= 1.0
         assert 0.0 <= entry["central"]["dice"] <= 1.0
+        assert 0.0 <= entry["central"]["unseen-dice"] <= 1.0  # a scanner no site has
         assert entry["train"]["train-loss-after"] < entry["train"]["train-loss-before"]
         assert entry["wall-time-s"] > 0
     sizes = {c["num-examples"] for c in summary["rounds"][0]["clients-train"]}

@@ -355,10 +355,10 @@ def _folder_datasets(
 
 @lru_cache(maxsize=_CACHE_SIZE)
 def _central_dataset(
-    task: str, num_sites: int, settings: tuple[tuple[str, Any], ...]
+    task: str, num_sites: int, scanners: str, settings: tuple[tuple[str, Any], ...]
 ) -> Dataset:
     kwargs = dict(settings)
-    items = synthetic_test_set(task, num_sites, **kwargs)
+    items = synthetic_test_set(task, num_sites, scanners=scanners, **kwargs)
     dims, size = kwargs["spatial_dims"], kwargs["image_size"]
     return make_dataset(items, task, dims, size, from_files=False)
 
@@ -439,13 +439,15 @@ def site_datasets(
     )
 
 
-def central_test_dataset(settings: Settings) -> Dataset:
-    """Return the server-held synthetic test set: all sites' validation images.
+def central_test_dataset(settings: Settings, scanners: str = "seen") -> Dataset:
+    """Return the server-held synthetic test set, held out from every site.
 
     Parameters
     ----------
     settings : Settings
         The run's settings (``data.num-sites`` and the synthetic-site settings).
+    scanners : {"seen", "unseen"}
+        New patients imaged by the sites' scanners, or by a scanner no site has.
 
     Returns
     -------
@@ -455,5 +457,6 @@ def central_test_dataset(settings: Settings) -> Dataset:
     return _central_dataset(
         settings["task"],
         settings["data.num-sites"],
+        scanners,
         tuple(sorted(synthetic_settings(settings).items())),
     )

@@ -7,14 +7,14 @@ weights: the source bundle's files (``configs/``, ``docs/``, ...; its shipped
 state dict MONAI's ``CheckpointLoader`` reads, and the signed ``model_card.json``)
 and the provenance in ``configs/metadata.json`` under
 :data:`PROVENANCE_KEY` (run, round, strategy, sites, ε, SHA-256). A site runs it
-with MONAI alone::
+with MONAI alone, from inside ``OUT`` (the config's ``bundle_root`` is ``.``)::
 
-    python -m monai.bundle run --config_file configs/inference.json \\
-        --bundle_root OUT --dataset_dir /path/to/site
+    python -m monai.bundle run --config_file configs/inference.json --dataset_dir SITE
 
 The weights are checked against the inference config's ``network_def`` (built
-without running the bundle's code, :func:`flower_medimg.core.bundle.network_from_bundle`)
-before anything is written, so an exported bundle loads strictly.
+without running the bundle's code, see
+:func:`flower_medimg.core.bundle.network_from_bundle`) before anything is written,
+so an exported bundle loads strictly.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def export_bundle(
 
 
 def _shipped_models(root: Path) -> Any:
-    """A ``copytree`` filter that leaves out the source bundle's own ``models/``."""
+    """Return a ``copytree`` filter that leaves out the bundle's own ``models/``."""
 
     def ignore(folder: str, names: list[str]) -> list[str]:
         return ["models"] if Path(folder) == root and "models" in names else []

@@ -184,24 +184,28 @@ class StatisticsReport:
 
 
 def pool_statistics(
-    sites: list[SiteStatistics], flag_distance: float
+    sites: list[SiteStatistics], flag_distance: float, flag_factor: float = 1.5
 ) -> dict[str, Any]:
     """Pool the sites' summaries and flag outlying intensity distributions.
 
     Each site's distance is the Jensen-Shannon distance between its histogram and
-    that of its *closest* other site, so a site is flagged (above
-    ``flag_distance``; needs two sites or more) only when it differs from every
-    other site; one outlier does not make the others look alike-but-far, as a
-    comparison with the pool of the rest would with few sites. Sets ``distance``
-    and ``flagged`` on every site; returns the pooled summaries.
+    that of its *closest* other site. A site is flagged when that distance is above
+    ``flag_distance`` *and* above ``flag_factor`` times the median of all sites'
+    distances: relative to how far apart the sites are anyway, so sites that all
+    differ alike (every hospital its own scanner) are not flagged, while one that
+    differs from every other far more than they differ among themselves is. Needs
+    two sites or more (with two, neither can be told apart). Sets ``distance`` and
+    ``flagged`` on every site; returns the pooled summaries.
     """
     full = [s.full_histogram() for s in sites]
-    for i, site in enumerate(sites):
-        if len(sites) > 1:
+    if len(sites) > 1:
+        for i, site in enumerate(sites):
             site.distance = min(
                 js_distance(full[i], h) for j, h in enumerate(full) if j != i
             )
-            site.flagged = site.distance > flag_distance
+        typical = float(np.median([site.distance for site in sites]))
+        for site in sites:
+            site.flagged = site.distance > max(flag_distance, flag_factor * typical)
     count = sum(s.values["count"] for s in sites)
     total = sum(s.values["sum"] for s in sites)
     total_sq = sum(s.values["sum-sq"] for s in sites)
@@ -321,6 +325,7 @@ def collect_statistics(
     bins = settings["stats.bins"]
     value_range = (settings["stats.range-min"], settings["stats.range-max"])
     flag_distance = settings["stats.flag-distance"]
+    flag_factor = settings["stats.flag-factor"]
     query = ConfigRecord(
         {
             protocol.QUERY_BINS: bins,
@@ -357,7 +362,7 @@ def collect_statistics(
             continue
         report.sites.append(SiteStatistics(node_id, values))
     report.sites.sort(key=lambda s: s.node_id)
-    report.pooled = pool_statistics(report.sites, flag_distance)
+    report.pooled = pool_statistics(report.sites, flag_distance, flag_factor)
     table = _table(report)
     for line in table.splitlines():
         log(INFO, "flower-medimg: %s", line)
@@ -367,10 +372,12 @@ def collect_statistics(
                 WARNING,
                 "flower-medimg: node %s has a strongly different intensity "
                 "distribution (Jensen-Shannon distance %.3f to the closest other "
-                "site > %g)",
+                "site, above %g and %g x the sites' median %.3f)",
                 site.label,
                 site.distance,
                 flag_distance,
+                flag_factor,
+                float(np.median([s.distance for s in report.sites])),
             )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "statistics.md").write_text(table + "\n")
