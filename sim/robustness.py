@@ -15,7 +15,7 @@ behind the gate vs plain Flower FedAvg.
 
 Usage::
 
-    python sim/robustness.py --part default --rounds 5
+    python sim/robustness.py --part default --rounds 5 --sites 3,8
 """
 
 from __future__ import annotations
@@ -79,9 +79,9 @@ DEFAULT_PROBES = (
 )
 
 
-def default_part(rounds: int, samples_per_site: int) -> None:
-    """The default run config against one hostile site of 3 and of 8."""
-    for sites in (3, 8):
+def default_part(rounds: int, samples_per_site: int, federations: list[int]) -> None:
+    """The default run config against one hostile site of each federation size."""
+    for sites in federations:
         base = {
             "num-server-rounds": rounds,
             "data.samples-per-site": samples_per_site,
@@ -124,9 +124,13 @@ def main() -> None:
     parser.add_argument("--part", choices=("default", "strategies"), default="default")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--samples-per-site", type=int, default=24)
+    parser.add_argument(
+        "--sites", default="3,8", help="federation sizes of --part default, e.g. 3,8"
+    )
     args = parser.parse_args()
     if args.part == "default":
-        default_part(args.rounds, args.samples_per_site)
+        sizes = [int(size) for size in args.sites.split(",")]
+        default_part(args.rounds, args.samples_per_site, sizes)
         return
     base = {
         "num-server-rounds": args.rounds,

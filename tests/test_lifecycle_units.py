@@ -35,7 +35,7 @@ from flower_medimg.lifecycle.strategy_state import (
     capture_strategy_state,
     restore_strategy_state,
 )
-from flower_medimg.strategies import QualityGate
+from flower_medimg.strategies import FastFedAvg, QualityGate
 from tests.reply_messages import train_reply
 
 TINY = {"model.channels": "4,8,16", "data.image-size": 32, "data.samples-per-site": 12}
@@ -468,3 +468,20 @@ def test_fedavgm_state_with_received_buffers_round_trips():
     restore_strategy_state(restored, fields, arrays)
     np.testing.assert_array_equal(restored.current_arrays["w"].numpy(), np.arange(4))
     np.testing.assert_array_equal(restored.momentum_vector[0], np.full(4, 0.5))
+
+
+def test_num_examples_bounds_survive_resume_and_bad_ones_are_refused():
+    # the statistics phase is not run again on resume: its bounds must come back
+    gate = FastFedAvg()
+    gate.num_examples_bounds = {7: 24, 9: 120}
+    fields, arrays = _through_a_file(gate)
+    restored = FastFedAvg()
+    restore_strategy_state(restored, fields, arrays)
+    assert restored.num_examples_bounds == {7: 24, 9: 120}
+    assert restored.screening_rules("num-examples").num_examples_bounds == {
+        7: 24,
+        9: 120,
+    }
+    fields[0]["fields"]["num_examples_bounds"] = [[7, 24.5]]
+    with pytest.raises(ValueError, match="num_examples_bounds"):
+        restore_strategy_state(FastFedAvg(), fields, arrays)

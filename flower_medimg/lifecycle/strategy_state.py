@@ -45,6 +45,7 @@ from flower_medimg.strategies import (
     QualityGate,
 )
 from flower_medimg.strategies.chain import strategy_chain
+from flower_medimg.strategies.quality import ReplyScreening
 from flower_medimg.strategies.user_level_dp import (
     UserLevelDPClientSideFixedClipping,
     UserLevelDPServerSideFixedClipping,
@@ -86,6 +87,7 @@ KINDS = {
     "float": "a finite number",
     "int-list": "a list of whole numbers",
     "int-float-map": "{whole number: number}, stored as [[key, value], ...]",
+    "int-int-map": "{whole number: whole number}, stored as [[key, value], ...]",
     "arrays": "None or {name: numpy array}",
     "array-record": "None or an ArrayRecord",
     "array-list": "None or a list of numpy arrays",
@@ -130,6 +132,9 @@ STATE_FIELDS: dict[type, tuple[StateField, ...]] = {
         StateField("_rng", "random-state"),
     ),
     QualityGate: (),
+    # the statistics phase's per-node bound on num-examples (not collected again
+    # on resume)
+    ReplyScreening: (StateField("num_examples_bounds", "int-int-map"),),
     # central DP: Flower's accountant ledger, the adapted clipping norm, and our
     # user-level wrappers' count of noisy releases
     DifferentialPrivacyFixedClippingBase: (
@@ -193,6 +198,8 @@ def _encode(value: Any, kind: str, prefix: str, arrays: dict[str, np.ndarray]) -
         return [int(v) for v in value]
     if kind == "int-float-map":
         return [[int(k), float(v)] for k, v in value.items()]
+    if kind == "int-int-map":
+        return [[int(k), int(v)] for k, v in value.items()]
     if kind == "random-state":
         version, internal, gauss = value.getstate()
         return [version, list(internal), gauss]
@@ -286,6 +293,12 @@ def _decode(
             for p in saved
         )
         return valid, {k: float(v) for k, v in saved} if valid else None
+    if kind == "int-int-map":
+        valid = isinstance(saved, list) and all(
+            isinstance(p, list) and len(p) == 2 and _whole(p[0]) and _whole(p[1])
+            for p in saved
+        )
+        return valid, {k: v for k, v in saved} if valid else None
     if kind == "random-state":
         state = _random_state(saved)
         if state is None:
