@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SType
-from flwr.serverapp.strategy import FedAvg, Krum
+from flwr.serverapp.strategy import FedAdam, FedAvg, Krum
 from reply_messages import reply_metadata, train_reply
 
 from flower_medimg.strategies import (
@@ -337,3 +337,15 @@ def test_a_site_may_not_claim_more_than_it_reported(flwr_log):
     arrays, _ = strategy.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["w"].numpy(), [1.0])
     assert "node 2: metric 'num-examples' is 9, more than the 8" in flwr_log.text
+
+
+def test_gate_never_accepts_a_non_finite_aggregate_of_a_flower_strategy(flwr_log):
+    # finite replies, but FedAdam's step (eta = 1e39) overflows float32
+    gate = start(QualityGate(FedAdam(eta=1e39)), [0.0])
+    arrays, metrics = gate.aggregate_train(1, [scalar(1, 1.0), scalar(2, 3.0)])
+    assert (arrays, metrics) == (None, None)
+    assert "FedAdam's aggregate is not finite" in flwr_log.text
+    # a gate in front of a sane strategy aggregates the same replies
+    gate = start(QualityGate(FedAvg()), [0.0])
+    arrays, _ = gate.aggregate_train(1, [scalar(1, 1.0), scalar(2, 3.0)])
+    assert arrays["w"].numpy().tolist() == [2.0]

@@ -248,7 +248,7 @@ max_num_examples, max_weight_share
         if self._weighted and self.max_weight_share is not None:
             weights = self._capped(screened, weights)
         values = self._combine(server_round, screened, weights)
-        if self.check_finite and not _all_finite(values):
+        if self.check_finite and not all_finite(values):
             log(WARNING, "aggregate_train: the aggregate is not finite; skipping round")
             return None
         self._log_weights(screened, weights)
@@ -293,7 +293,7 @@ max_num_examples, max_weight_share
         )
 
 
-def _all_finite(values: Iterable[np.ndarray | None]) -> bool:
+def all_finite(values: Iterable[np.ndarray | None]) -> bool:
     """Whether every float block of an aggregate is finite."""
     for flat in values:
         if flat is None or flat.dtype.kind != "f":

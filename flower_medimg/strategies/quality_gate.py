@@ -24,7 +24,7 @@ from flower_medimg.core import protocol
 
 from ._wire import cast_to_dtype
 from .chain import strategy_chain
-from .fast_fedavg import FastFedAvg
+from .fast_fedavg import FastFedAvg, all_finite
 from .kernels import cap_shares
 from .quality import (
     ReplyOutcome,
@@ -263,6 +263,17 @@ max_num_examples, max_weight_share
             return None, None
         if arrays is not None and self.current_arrays is not None:
             arrays = restore_layout(arrays, self.current_arrays)
+        if (
+            arrays is not None
+            and self.check_finite
+            and not all_finite(array.numpy() for array in arrays.values())
+        ):
+            log(
+                WARNING,
+                "QualityGate: %s's aggregate is not finite; keeping the global model",
+                type(self.strategy).__name__,
+            )
+            return None, None
         metrics = MetricRecord() if metrics is None else metrics
         metrics[protocol.ROUND_GATE_ACCEPTED] = num_accepted
         metrics[protocol.ROUND_GATE_REJECTED] = num_rejected
