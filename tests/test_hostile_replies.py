@@ -340,12 +340,14 @@ def test_a_site_may_not_claim_more_than_it_reported(flwr_log):
 
 
 def test_gate_never_accepts_a_non_finite_aggregate_of_a_flower_strategy(flwr_log):
-    # finite replies, but FedAdam's step (eta = 1e39) overflows float32
-    gate = start(QualityGate(FedAdam(eta=1e39)), [0.0])
-    arrays, metrics = gate.aggregate_train(1, [scalar(1, 1.0), scalar(2, 3.0)])
+    # finite replies, but FedAdam's step (eta = 1e39) overflows float32; the
+    # weights are matrices, as a real model's are
+    ones = np.ones((2, 3))
+    gate = start(QualityGate(FedAdam(eta=1e39)), 0 * ones)
+    arrays, metrics = gate.aggregate_train(1, [honest(1, ones), honest(2, 3 * ones)])
     assert (arrays, metrics) == (None, None)
     assert "FedAdam's aggregate is not finite" in flwr_log.text
     # a gate in front of a sane strategy aggregates the same replies
-    gate = start(QualityGate(FedAvg()), [0.0])
-    arrays, _ = gate.aggregate_train(1, [scalar(1, 1.0), scalar(2, 3.0)])
-    assert arrays["w"].numpy().tolist() == [2.0]
+    gate = start(QualityGate(FedAvg()), 0 * ones)
+    arrays, _ = gate.aggregate_train(1, [honest(1, ones), honest(2, 3 * ones)])
+    np.testing.assert_array_equal(arrays["w"].numpy(), 2 * ones)

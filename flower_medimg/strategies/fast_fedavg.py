@@ -294,10 +294,13 @@ max_num_examples, max_weight_share
 
 
 def all_finite(values: Iterable[np.ndarray | None]) -> bool:
-    """Whether every float block of an aggregate is finite."""
-    for flat in values:
-        if flat is None or flat.dtype.kind != "f":
+    """Whether every float block (of any shape) of an aggregate is finite."""
+    for block in values:
+        if block is None or block.dtype.kind != "f":
             continue
-        if not np.isfinite(np.add.reduce(flat)) and not np.isfinite(flat).all():
+        if (
+            not np.isfinite(np.add.reduce(block, axis=None))
+            and not np.isfinite(block).all()
+        ):
             return False
     return True

@@ -250,6 +250,19 @@ max_num_examples, max_weight_share
                     arrays, metrics = self.strategy.aggregate_train(
                         server_round, self._with_capped_weights(screened.accepted)
                     )
+            if arrays is not None and self.current_arrays is not None:
+                arrays = restore_layout(arrays, self.current_arrays)
+            if (
+                arrays is not None
+                and self.check_finite
+                and not all_finite(array.numpy() for array in arrays.values())
+            ):
+                log(
+                    WARNING,
+                    "QualityGate: %s's aggregate is not finite; keeping the model",
+                    type(self.strategy).__name__,
+                )
+                return None, None
         except Exception as err:  # pylint: disable=broad-exception-caught
             log(
                 ERROR,
@@ -260,19 +273,6 @@ max_num_examples, max_weight_share
             )
             return None, None
         if arrays is None and metrics is None:
-            return None, None
-        if arrays is not None and self.current_arrays is not None:
-            arrays = restore_layout(arrays, self.current_arrays)
-        if (
-            arrays is not None
-            and self.check_finite
-            and not all_finite(array.numpy() for array in arrays.values())
-        ):
-            log(
-                WARNING,
-                "QualityGate: %s's aggregate is not finite; keeping the global model",
-                type(self.strategy).__name__,
-            )
             return None, None
         metrics = MetricRecord() if metrics is None else metrics
         metrics[protocol.ROUND_GATE_ACCEPTED] = num_accepted
