@@ -217,6 +217,13 @@ def test_sites_that_all_differ_alike_are_not_flagged_an_extreme_one_is():
     pool_statistics(apart, flag_distance=0.1)
     assert [s.flagged for s in apart] == [False, False, False, True]
     assert apart[3].distance == pytest.approx(1.0)
+    # two sites: no spread to compare with, the absolute distance decides
+    pair = [site(0, 2), site(1, 8)]
+    pool_statistics(pair, flag_distance=0.1)
+    assert [s.flagged for s in pair] == [True, True]
+    pair = [site(0, 2), site(1, 2)]
+    pool_statistics(pair, flag_distance=0.1)
+    assert [s.flagged for s in pair] == [False, False]
 
 
 def test_the_default_demo_flags_at_most_one_site():

@@ -199,6 +199,7 @@ def test_flop_simulation_server_never_sees_heads(tmp_path, monkeypatch):
         "output-dir": str(tmp_path / "out"),
         "strategy.name": "recording-fedavg",
         "strategy.min-available-nodes": 3,  # every site trains in round 1
+        "registry.path": "",  # a test strategy: no resume state to describe
     }
     run_simulation(
         server_app=make_server_app(**config),

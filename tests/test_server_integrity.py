@@ -30,6 +30,7 @@ import pytest
 import safetensors.numpy
 import torch
 from flwr.app import Context, RecordDict
+from flwr.serverapp.strategy import FedAvg
 from tiny_config import TINY
 
 from flower_medimg.cli import main as cli_main
@@ -46,7 +47,9 @@ from flower_medimg.lifecycle.registry import (
     RegistryUnavailableError,
 )
 from flower_medimg.lifecycle.resume_state import ResumeState, ResumeStateError
+from flower_medimg.lifecycle.strategy_state import StrategyStateError
 from flower_medimg.server_app import run_experiment
+from flower_medimg.strategies.registry import STRATEGIES
 
 NUM_SITES = 2
 
@@ -631,3 +634,20 @@ def test_corrupt_database_is_named_by_the_api_the_cli_and_the_server(tmp_path, c
     )
     assert listing.returncode == 1
     assert str(database) in listing.stderr and "Traceback" not in listing.stderr
+
+
+class _UndescribedFedAvg(FedAvg):
+    """A user's strategy whose state STATE_FIELDS does not describe."""
+
+
+def test_undescribed_strategy_is_refused_before_any_training(tmp_path, monkeypatch):
+    monkeypatch.setitem(STRATEGIES, "undescribed", _UndescribedFedAvg)
+    config = _config(tmp_path, "custom", 1, **{"strategy.name": "undescribed"})
+    trained = []
+    with pytest.raises(StrategyStateError, match=r"_UndescribedFedAvg.*registry.path"):
+        run_server(config, 77, before_train=trained.append)
+    assert trained == []  # refused before the first round
+    # without the registry the same strategy runs
+    config["registry.path"] = ""
+    summary = run_server(config, 78)
+    assert [entry["round"] for entry in summary["rounds"]] == [1]

@@ -424,7 +424,18 @@ def run_lifecycle(
         does not verify (the message names the database).
     ServerKeyError
         If the server key is unusable or lies inside the registry or run folders.
+    StrategyStateError
+        Before any training, if the registry is on and the strategy's state is not
+        described (nothing could resume it).
     """
+    if settings["registry.path"]:
+        try:
+            capture_strategy_state(strategy)
+        except StrategyStateError as err:
+            raise StrategyStateError(
+                f"{err}; describe it there, or run without the registry "
+                '(registry.path = "")'
+            ) from None
     life = _Lifecycle(settings, run_dir)
     num_rounds = settings["num-server-rounds"]
     timeout = settings["round-timeout"]

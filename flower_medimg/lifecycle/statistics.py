@@ -193,9 +193,11 @@ def pool_statistics(
     ``flag_distance`` *and* above ``flag_factor`` times the median of all sites'
     distances: relative to how far apart the sites are anyway, so sites that all
     differ alike (every hospital its own scanner) are not flagged, while one that
-    differs from every other far more than they differ among themselves is. Needs
-    two sites or more (with two, neither can be told apart). Sets ``distance`` and
-    ``flagged`` on every site; returns the pooled summaries.
+    differs from every other far more than they differ among themselves is. With
+    two sites there is no spread to compare with: both are flagged when their
+    distance is above ``flag_distance`` (they differ, and neither can be told to be
+    the outlier). Sets ``distance`` and ``flagged`` on every site; returns the
+    pooled summaries.
     """
     full = [s.full_histogram() for s in sites]
     if len(sites) > 1:
@@ -204,8 +206,9 @@ def pool_statistics(
                 js_distance(full[i], h) for j, h in enumerate(full) if j != i
             )
         typical = float(np.median([site.distance for site in sites]))
+        bound = flag_distance if len(sites) == 2 else flag_factor * typical
         for site in sites:
-            site.flagged = site.distance > max(flag_distance, flag_factor * typical)
+            site.flagged = site.distance > max(flag_distance, bound)
     count = sum(s.values["count"] for s in sites)
     total = sum(s.values["sum"] for s in sites)
     total_sq = sum(s.values["sum-sq"] for s in sites)
