@@ -108,7 +108,11 @@ class QualityGate(ReplyScreening, Strategy):
     Everything else (``configure_train``, ``configure_evaluate``,
     ``aggregate_evaluate``, ``summary``) is delegated to the wrapped strategy, and
     so are attribute reads and writes other than the gate's own parameters
-    (``gate.server_learning_rate = 0.5`` sets the wrapped FedOpt's). The gate is not
+    (``gate.server_learning_rate = 0.5`` sets the wrapped FedOpt's). The gate keeps
+    its own ``current_arrays`` (the global model it screens against): writing
+    ``gate.current_arrays`` does not set the wrapped strategy's, which its own
+    ``configure_train`` sets (a Flower test of FedAvgM that writes it directly
+    fails for this reason). The gate is not
     an instance of the wrapped class: ``isinstance(QualityGate(FedAvg()), FedAvg)``
     is false; test for the wrapped strategy with ``gate.strategy``.
 
