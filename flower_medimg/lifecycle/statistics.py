@@ -197,18 +197,21 @@ def pool_statistics(
     two sites there is no spread to compare with: both are flagged when their
     distance is above ``flag_distance`` (they differ, and neither can be told to be
     the outlier). Sets ``distance`` and ``flagged`` on every site; returns the
-    pooled summaries.
+    pooled summaries, with the distance above which a site was flagged
+    (``flag-bound``).
     """
     full = [s.full_histogram() for s in sites]
+    bound = flag_distance
     if len(sites) > 1:
         for i, site in enumerate(sites):
             site.distance = min(
                 js_distance(full[i], h) for j, h in enumerate(full) if j != i
             )
-        typical = float(np.median([site.distance for site in sites]))
-        bound = flag_distance if len(sites) == 2 else flag_factor * typical
+        if len(sites) > 2:
+            typical = float(np.median([site.distance for site in sites]))
+            bound = max(flag_distance, flag_factor * typical)
         for site in sites:
-            site.flagged = site.distance > max(flag_distance, bound)
+            site.flagged = site.distance > bound
     count = sum(s.values["count"] for s in sites)
     total = sum(s.values["sum"] for s in sites)
     total_sq = sum(s.values["sum-sq"] for s in sites)
@@ -216,6 +219,7 @@ def pool_statistics(
     labels = [s.values["label-counts"] for s in sites]
     width = max((len(c) for c in labels), default=0)
     return {
+        "flag-bound": bound,
         "num-sites": len(sites),
         "num-images": sum(s.values["num-images"] for s in sites),
         "count": count,
@@ -375,12 +379,13 @@ def collect_statistics(
                 WARNING,
                 "flower-medimg: node %s has a strongly different intensity "
                 "distribution (Jensen-Shannon distance %.3f to the closest other "
-                "site, above %g and %g x the sites' median %.3f)",
+                "site, above %.3f: stats.flag-distance %g, or %g x the sites' median "
+                "with three sites or more)",
                 site.label,
                 site.distance,
+                report.pooled["flag-bound"],
                 flag_distance,
                 flag_factor,
-                float(np.median([s.distance for s in report.sites])),
             )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "statistics.md").write_text(table + "\n")

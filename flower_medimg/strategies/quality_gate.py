@@ -254,19 +254,10 @@ max_num_examples, max_weight_share
                     arrays, metrics = self.strategy.aggregate_train(
                         server_round, self._with_capped_weights(screened.accepted)
                     )
-            if arrays is not None and self.current_arrays is not None:
-                arrays = restore_layout(arrays, self.current_arrays)
-            if (
-                arrays is not None
-                and self.check_finite
-                and not all_finite(array.numpy() for array in arrays.values())
-            ):
-                log(
-                    WARNING,
-                    "QualityGate: %s's aggregate is not finite; keeping the model",
-                    type(self.strategy).__name__,
-                )
-                return None, None
+                if arrays is not None and self.current_arrays is not None:
+                    arrays = restore_layout(arrays, self.current_arrays)
+                if arrays is not None and not self._finite(arrays):
+                    return None, None
         except Exception as err:  # pylint: disable=broad-exception-caught
             log(
                 ERROR,
@@ -282,6 +273,20 @@ max_num_examples, max_weight_share
         metrics[protocol.ROUND_GATE_ACCEPTED] = num_accepted
         metrics[protocol.ROUND_GATE_REJECTED] = num_rejected
         return arrays, metrics
+
+    def _finite(self, arrays: ArrayRecord) -> bool:
+        """Whether the wrapped strategy's aggregate may replace the global model.
+
+        (Our strategies check their own aggregate before they build it.)
+        """
+        if not self.check_finite or all_finite(a.numpy() for a in arrays.values()):
+            return True
+        log(
+            WARNING,
+            "QualityGate: %s's aggregate is not finite; keeping the global model",
+            type(self.strategy).__name__,
+        )
+        return False
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
