@@ -6,6 +6,9 @@
     Run a secure federation (TLS, SuperNode authentication) on this machine.
 ``flower-medimg federation certs|keygen``
     Make the TLS certificates and SuperNode keys of a real deployment.
+``flower-medimg site start|stop|status --config site.toml``
+    Run a hospital's SuperNode and its warm site runtime from the site's own
+    configuration file.
 ``flower-medimg registry list|show|compare|export|verify``
     Inspect the model registry, export a version with its model card, check every
     record's signature and file.
@@ -22,6 +25,7 @@ from collections.abc import Sequence
 
 from flower_medimg.federation.cli import add_federation_parser, run_federation
 from flower_medimg.lifecycle.cli import add_lifecycle_parsers, run_lifecycle_command
+from flower_medimg.site.cli import add_site_parser, run_site
 
 __all__ = ["build_parser", "main"]
 
@@ -39,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     add_federation_parser(commands)
+    add_site_parser(commands)
     add_lifecycle_parsers(commands)
     return parser
 
@@ -65,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("registry", "audit"):
             return run_lifecycle_command(args)
+        if args.command == "site":
+            return run_site(args)
         return run_federation(args)
     except (RuntimeError, FileNotFoundError, ValueError) as err:
         print(f"flower-medimg: error: {err}", file=sys.stderr)

@@ -2,17 +2,22 @@
 
 1. Wall time of the same 3-site, 3-round experiment (a small 2D UNet on synthetic
    32x32 sites, `TINY` below, sized for a 2-core machine) run
-   (a) in Flower's deployment runtime: `flower-medimg federation up` (SuperLink with
-       TLS + SuperNode authentication, one SuperNode per site folder on disk), then
+   (a) in Flower's simulation runtime: `flwr run . --stream --federation-config
+       num-supernodes=3` (local SuperLink, Ray);
+   (b) in Flower's deployment runtime with Flower's own per-message processes:
+       `flower-medimg federation up --runtime flower` (SuperLink with TLS +
+       SuperNode authentication, one SuperNode per site folder on disk), then
        `flwr run . <connection> --stream`;
-   (b) in Flower's simulation runtime: `flwr run . --stream --federation-config
-       num-supernodes=3` (local SuperLink, Ray).
-   Both runs use the same run config and the same synthetic sites (the site folders
-   hold exactly the sites simulation generates in memory).
+   (c) the same with the warm site runtime (`federation up`, the default).
+   All runs use the same run config and the same synthetic sites (the site folders
+   hold exactly the sites simulation generates in memory). Per message, the
+   ClientApp reports `startup-s` (message in hand -> its work starts); the warm
+   runtime records each message process's peak memory.
 2. Bytes a site sends and receives per FedAvg round for three networks, counted on
    the serialized Flower records (what the Fleet API moves).
 
 Usage: python sim/deployment_vs_simulation.py [--rounds 3] [--sites 3]
+       [--image-size 32] [--samples-per-site 16] [--channels 8,16,32]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -123,26 +129,53 @@ def _flwr_run(args: list[str], env: dict) -> float:
     return elapsed
 
 
-def _round_times(out: Path) -> list[float]:
+def _summary(out: Path) -> dict:
     (run_dir,) = out.iterdir()
-    summary = json.loads((run_dir / "metrics.json").read_text())
-    return [r["wall-time-s"] for r in summary["rounds"]]
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
-def deployment(tmp: Path, run_config: dict, sites: int) -> dict:
+def _round_times(out: Path) -> list[float]:
+    return [r["wall-time-s"] for r in _summary(out)["rounds"]]
+
+
+def _startups(out: Path) -> list[float]:
+    """`startup-s` of every train and evaluate reply of the run."""
+    return [
+        client["startup-s"]
+        for entry in _summary(out)["rounds"]
+        for phase in ("clients-train", "clients-evaluate")
+        for client in entry[phase]
+        if "startup-s" in client
+    ]
+
+
+def _site_memory(folder: Path) -> dict[str, float]:
+    """Per site: the largest peak RSS (MiB) of a warm runtime's message process."""
+    peaks = {}
+    for log in sorted(folder.glob("state/*/site-runtime/messages.jsonl")):
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        values = [r["max_rss_mib"] for r in records if r.get("max_rss_mib")]
+        if values:
+            peaks[log.parents[1].name] = max(values)
+    return peaks
+
+
+def deployment(tmp: Path, run_config: dict, sites: int, runtime: str) -> dict:
     """Bring a secure local federation up, run the experiment, bring it down."""
-    home = tmp / "flwr-home"
-    out = tmp / "out-deployment"
+    home = tmp / f"flwr-home-{runtime}"
+    out = tmp / f"out-deployment-{runtime}"
+    folder = tmp / f"federation-{runtime}"
     started = time.perf_counter()
     try:
         fed = up(
-            tmp / "federation",
+            folder,
             sites,
             flwr_home=home,
             data_options={
                 "image_size": run_config["data.image-size"],
                 "samples_per_site": run_config["data.samples-per-site"],
             },
+            runtime=runtime,
         )
         up_s = time.perf_counter() - started
         env = {**os.environ, "FLWR_HOME": str(home)}
@@ -151,8 +184,14 @@ def deployment(tmp: Path, run_config: dict, sites: int) -> dict:
             [fed.connection, "--stream", "--run-config", _overrides(config)], env
         )
     finally:
-        down(tmp / "federation", grace=5)
-    return {"up": up_s, "run": run_s, "rounds": _round_times(out)}
+        down(folder, grace=5)
+    return {
+        "up": up_s,
+        "run": run_s,
+        "rounds": _round_times(out),
+        "startup": _startups(out),
+        "memory": _site_memory(folder),
+    }
 
 
 def _free_port() -> int:
@@ -203,12 +242,8 @@ def simulation(tmp: Path, run_config: dict, sites: int) -> dict:
     return {"run": run_s, "rounds": _round_times(out)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--sites", type=int, default=3)
-    args = parser.parse_args()
-
+def print_traffic() -> None:
+    """Print the bytes a site sends and receives per round for three networks."""
     print("== Bytes per FedAvg round per site (serialized Flower records) ==")
     print(
         f"{'model':28s} {'params':>10s} {'count_bytes':>12s} {'serialized':>11s} "
@@ -228,8 +263,29 @@ def main() -> None:
         "receives = train + evaluate instructions (arrays + config each)."
     )
 
-    run_config = {
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=TINY["data.image-size"])
+    parser.add_argument(
+        "--samples-per-site", type=int, default=TINY["data.samples-per-site"]
+    )
+    parser.add_argument("--channels", default=TINY["model.channels"])
+    parser.add_argument("--skip-bytes", action="store_true")
+    args = parser.parse_args()
+    setup = {
         **TINY,
+        "data.image-size": args.image_size,
+        "data.samples-per-site": args.samples_per_site,
+        "model.channels": args.channels,
+    }
+
+    if not args.skip_bytes:
+        print_traffic()
+    run_config = {
+        **setup,
         "num-server-rounds": args.rounds,
         "data.num-sites": args.sites,
         "strategy.min-available-nodes": args.sites,
@@ -239,25 +295,40 @@ def main() -> None:
     print()
     print(
         f"== Wall time: {args.sites} sites, {args.rounds} rounds, same run config "
-        f"({_overrides(TINY)}) =="
+        f"({_overrides(setup)}) =="
     )
+    print(f"load before: {os.getloadavg()[0]:.2f} (1-min average)")
     with tempfile.TemporaryDirectory(prefix="medimg-dep-vs-sim-") as tmp:
         tmp_path = Path(tmp)
-        dep = deployment(tmp_path, run_config, args.sites)
         sim = simulation(tmp_path, run_config, args.sites)
+        stock = deployment(tmp_path, run_config, args.sites, "flower")
+        warm = deployment(tmp_path, run_config, args.sites, "warm")
+    print(f"load after: {os.getloadavg()[0]:.2f} (1-min average)")
     for label, res in (
-        ("deployment (TLS + node auth)", dep),
         ("simulation (Ray)", sim),
+        ("deployment, Flower processes", stock),
+        ("deployment, warm site runtime", warm),
     ):
         rounds = ", ".join(f"{s:.1f}" for s in res["rounds"])
-        print(
-            f"{label:30s} flwr run: {res['run']:7.1f} s   "
+        line = (
+            f"{label:31s} flwr run: {res['run']:7.1f} s   "
             f"rounds: {sum(res['rounds']):6.1f} s ({rounds})"
         )
-    print(f"{'':30s} federation up: {dep['up']:.1f} s (not in the run time)")
+        if res.get("startup"):
+            line += f"   start-up median {statistics.median(res['startup']):.2f} s"
+        print(line)
+    for label, res in (("Flower processes", stock), ("warm site runtime", warm)):
+        ratio = sum(res["rounds"]) / sum(sim["rounds"])
+        print(f"ratio {label} / simulation: rounds {ratio:.2f}x")
+    memory = ", ".join(f"{k} {v:.0f} MiB" for k, v in warm["memory"].items())
+    print(f"peak RSS of a warm message process per site: {memory}")
     print(
-        f"ratio deployment / simulation: flwr run {dep['run'] / sim['run']:.2f}x, "
-        f"rounds {sum(dep['rounds']) / sum(sim['rounds']):.2f}x"
+        "round ratio deployment/simulation: "
+        f"{sum(warm['rounds']) / sum(sim['rounds']):.2f}"
+    )
+    print(
+        "site start-up per message (median s): "
+        f"{statistics.median(warm['startup']):.2f}"
     )
 
 

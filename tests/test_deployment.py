@@ -8,21 +8,25 @@ for the whole module and always brought down again by PID. Runs are submitted wi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from tiny_config import TINY as TINY_SEGMENTATION
 
+from flower_medimg.data.cache import CACHE_FOLDER, TRANSFORMED_LOG
 from flower_medimg.federation import (
     Federation,
     add_site,
@@ -31,10 +35,13 @@ from flower_medimg.federation import (
     up,
     wait_for_nodes,
 )
-from flower_medimg.federation.flwr_cli import list_nodes
+from flower_medimg.federation.flwr_cli import list_nodes, write_connection
+from flower_medimg.federation.keys import write_node_keys
 from flower_medimg.federation.launcher import start_supernode
-from flower_medimg.federation.processes import is_running, stop_process
 from flower_medimg.lifecycle.outputs import load_global_model
+from flower_medimg.site.processes import command_line, is_running
+from flower_medimg.site.runtime import MESSAGES_LOG, RUNTIME_FOLDER, read_runtime_state
+from flower_medimg.site.service import site_processes, stop_site
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +59,7 @@ def federation(tmp_path_factory) -> Federation:
             3,
             flwr_home=root / "flwr-home",
             data_options={"image_size": 32, "samples_per_site": 12},
+            approve=[ROOT],  # the project's app, as each hospital approves it
         )
         yield fed
     finally:
@@ -94,6 +102,68 @@ def _flwr_run(fed: Federation, run_config: dict, timeout: float = 420) -> str:
     return log
 
 
+UNAPPROVED_APP = {
+    "pyproject.toml": """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "probeapp"
+version = "1.0.0"
+dependencies = ["flwr"]
+
+[tool.flwr.app]
+publisher = "outsider"
+
+[tool.flwr.app.components]
+serverapp = "probeapp.server:app"
+clientapp = "probeapp.client:app"
+
+[tool.flwr.app.config]
+out = ""
+""",
+    "probeapp/__init__.py": "",
+    "probeapp/server.py": """import json
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid, context):
+    nodes = []
+    while len(nodes) < 3:
+        nodes = list(grid.get_node_ids())
+        time.sleep(0.5)
+    messages = [
+        Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
+                message_type="query")
+        for n in nodes
+    ]
+    replies = grid.send_and_receive(messages, timeout=120)
+    reasons = [r.error.reason if r.has_error() else "ok" for r in replies]
+    Path(context.run_config["out"]).write_text(json.dumps(reasons))
+""",
+    "probeapp/client.py": """from pathlib import Path
+
+from flwr.app import Message, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg, context):
+    Path(str(context.run_config["out"]) + ".ran-at-a-site").touch()
+    return Message(RecordDict(), reply_to=msg)
+""",
+}
+
+
 def _summary(out: Path) -> tuple[Path, dict]:
     (run_dir,) = out.iterdir()
     return run_dir, json.loads((run_dir / "metrics.json").read_text())
@@ -113,8 +183,14 @@ def _wait_exit(record, timeout: float = 60) -> bool:
     return False
 
 
-def test_secure_run_three_sites(federation, tmp_path):
-    """TLS + node auth: `flwr run` of our app finishes and writes the global model."""
+def test_secure_run_three_sites_while_a_wrong_data_dir_fails_alone(
+    federation, tmp_path
+):
+    """TLS + node auth: `flwr run` of our app finishes and writes the global model.
+
+    A fourth site whose data-dir is wrong joins the run; it replies with an error
+    naming the folder, which the reply screening drops, and costs only itself.
+    """
     fed = federation
     assert fed.address.startswith("127.0.0.1:")
     assert {s.node_id for s in fed.sites} <= _online(fed)
@@ -122,9 +198,15 @@ def test_secure_run_three_sites(federation, tmp_path):
         argv = fed.process(name).argv
         assert "--insecure" not in argv
     assert "--enable-supernode-auth" in fed.process("superlink").argv
+    missing = tmp_path / "no-such-site-folder"
+    bad = add_site(fed, "site-wrong-dir", missing, approve=[ROOT])
+    wait_for_nodes(fed, [bad.node_id])
 
     out = tmp_path / "out"
-    log = _flwr_run(fed, {**TINY, "num-server-rounds": 2, "output-dir": str(out)})
+    try:
+        log = _flwr_run(fed, {**TINY, "num-server-rounds": 2, "output-dir": str(out)})
+    finally:
+        stop_site(bad.state_dir, grace=5)
     run_dir, summary = _summary(out)
     assert (run_dir / "global_model.pt").exists()
     assert load_global_model(run_dir) is not None
@@ -133,13 +215,122 @@ def test_secure_run_three_sites(federation, tmp_path):
         assert len(entry["clients-train"]) == 3, log[-3000:]
         assert len(entry["clients-evaluate"]) == 3
     assert "Received 3 results and 0 failures" in log
+    # the reply screening drops the error reply, naming the node and the folder,
+    # before the strategy counts what is left
+    rejected = f"Rejected train reply from node {bad.node_id}: error reply"
+    assert rejected in log, log[-3000:]
+    assert str(missing) in log
     # each ClientApp trained on its own folder: the sizes reported are the folders'
     folder_sizes = sorted(
         len(json.loads((Path(s.data_dir) / "dataset.json").read_text())["training"])
-        for s in fed.sites
+        for s in fed.sites[:3]
     )
     reported = sorted(c["num-examples"] for c in summary["rounds"][0]["clients-train"])
     assert reported == folder_sizes
+
+
+def _worker_children(state_dir: str) -> list[int]:
+    worker = read_runtime_state(state_dir).get("worker")
+    if not worker:
+        return []
+    path = Path(f"/proc/{worker}/task/{worker}/children")
+    try:
+        return [int(p) for p in path.read_text().split()]
+    except OSError:
+        return []
+
+
+def _messages(site) -> list[dict]:
+    log = Path(site.state_dir) / RUNTIME_FOLDER / MESSAGES_LOG
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_site_runtime_runs_messages_warm_and_survives_a_crash(federation, tmp_path):
+    """Warm runtime: data transformed once per site, a killed message costs itself.
+
+    During round 1, one site's message process is killed (SIGKILL). The runtime
+    replies with an error for it at once and serves round 2 normally.
+    """
+    fed = federation
+    site = fed.site("site-1")
+    assert "--isolation" in fed.process("supernode-site-1").argv
+    assert "process" in fed.process("supernode-site-1").argv
+    before = len(_messages(site))  # the module's earlier runs
+    out = tmp_path / "out"
+    run_config = {**TINY, "num-server-rounds": 2, "output-dir": str(out)}
+    proc = subprocess.Popen(
+        _flwr_run_command(fed, run_config),
+        cwd=ROOT,
+        env=_env(fed),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    killed: list[int] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not killed and time.monotonic() < deadline and proc.poll() is None:
+            if any("[ROUND 1/2]" in line for line in lines):
+                for pid in _worker_children(site.state_dir):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    break
+            time.sleep(0.02)
+        returncode = proc.wait(timeout=420)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(10)
+    log = "".join(lines)
+    assert killed, log[-3000:]
+    assert returncode == 0, log[-4000:]
+    _, summary = _summary(out)
+    trained = [len(r["clients-train"]) for r in summary["rounds"]]
+    assert trained[1] == 3, (trained, log[-3000:])  # the site came back at once
+    records = _messages(site)[before:]
+    crashed = [r for r in records if r["pid"] in killed]
+    assert crashed and crashed[0]["exit"] == "signal SIGKILL"
+    runtime_log = Path(fed.process("site-runtime-site-1").log).read_text()
+    assert "ended without a reply (signal SIGKILL)" in runtime_log
+    # every site transformed each of its images once in this module's runs
+    for s in fed.sites[:3]:
+        (cache,) = (Path(s.state_dir) / CACHE_FOLDER).iterdir()
+        datalist = json.loads((Path(s.data_dir) / "dataset.json").read_text())
+        items = len(datalist["training"]) + len(datalist["validation"])
+        assert len((cache / TRANSFORMED_LOG).read_text().splitlines()) == items
+    # start-up per message, as the ClientApp measured it, is reported
+    startups = [c["startup-s"] for r in summary["rounds"] for c in r["clients-train"]]
+    assert all(0 <= s < 60 for s in startups)
+
+
+def test_stopping_a_site_stops_every_process_it_started(federation, tmp_path):
+    """`site stop` ends the SuperNode, the supervisor, the worker, the children."""
+    fed = federation
+    extra = add_site(fed, "extra-site", fed.sites[0].data_dir)
+    wait_for_nodes(fed, [extra.node_id])
+    runtime = read_runtime_state(extra.state_dir)
+    pids = [p.pid for p in site_processes(extra.state_dir)]
+    pids += [runtime["supervisor"], runtime["worker"]]
+    assert all(command_line(pid) for pid in pids)
+    # the supervisor restarts a worker that dies
+    os.kill(runtime["worker"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while read_runtime_state(extra.state_dir).get("worker") in (
+        runtime["worker"],
+        None,
+    ):
+        assert time.monotonic() < deadline, "the worker was not restarted"
+        time.sleep(0.2)
+    restarted = read_runtime_state(extra.state_dir)
+    assert restarted["restarts"] == 1
+    pids.append(restarted["worker"])
+    outcome = stop_site(extra.state_dir, grace=5)
+    assert all(what in ("terminated", "killed") for what in outcome.values()), outcome
+    assert [pid for pid in pids if command_line(pid)] == []
 
 
 def test_superlink_speaks_tls_with_the_federation_ca(federation):
@@ -176,7 +367,7 @@ def test_unregistered_key_is_refused(federation, tmp_path):
     assert "Failed to activate SuperNode" in log
     # the registered sites are unaffected and nothing new appeared
     assert _online(fed) == before
-    assert {s.node_id for s in fed.sites if s.name.startswith("site-")} <= before
+    assert {s.node_id for s in fed.sites[:3]} <= before
 
 
 def test_plaintext_client_cannot_connect(federation, tmp_path):
@@ -194,26 +385,195 @@ def test_plaintext_client_cannot_connect(federation, tmp_path):
     assert _online(fed) == before
 
 
-def test_wrong_data_dir_fails_alone(federation, tmp_path):
-    """A site whose data-dir is wrong replies with an error naming the folder."""
+def test_an_unapproved_app_is_refused_before_its_code_runs(federation, tmp_path):
+    """An app no site approved gets an error reply naming its hash; none of it runs."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from flower_medimg.site.audit import SITE_AUDIT_LOG, verify_chain
+
     fed = federation
-    missing = tmp_path / "no-such-site-folder"
-    bad = add_site(fed, "site-wrong-dir", missing)
-    wait_for_nodes(fed, [bad.node_id])
+    app = tmp_path / "probeapp"
+    for name, text in UNAPPROVED_APP.items():
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        (app / name).write_text(text)
+    digest = hashlib.sha256(build_fab_from_disk(app)).hexdigest()
+    out = tmp_path / "reasons.json"
+    proc = subprocess.run(
+        [
+            FLWR,
+            "run",
+            str(app),
+            fed.connection,
+            "--stream",
+            "--run-config",
+            f"out={json.dumps(str(out))}",
+        ],
+        env=_env(fed),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert out.exists(), (proc.stdout + proc.stderr)[-3000:]
+    reasons = json.loads(out.read_text())
+    assert len(reasons) == 3
+    for reason in reasons:
+        assert "refused by the site" in reason and f"FAB hash {digest}" in reason
+    assert not Path(str(out) + ".ran-at-a-site").exists()
+    for site in fed.sites[:3]:
+        state = Path(site.state_dir)
+        refused = [m for m in _messages(site) if m["exit"] == "refused"]
+        assert refused, site.name
+        assert verify_chain(state / SITE_AUDIT_LOG)[0] is None
+        events = [json.loads(line) for line in (state / SITE_AUDIT_LOG).open()]
+        assert any(
+            e["event"] == "refuse" and e["fab_hash"] == digest for e in events
+        ), site.name
+
+
+def _outsider_flwr(
+    fed: Federation, home: Path, *args: str
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [FLWR, *args],
+        cwd=ROOT,
+        env={**os.environ, "FLWR_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_an_outsider_with_the_ca_certificate_cannot_reach_the_control_api(
+    federation, tmp_path
+):
+    """The outsider sequence of the threat model fails at every step.
+
+    With only the public ``ca.crt`` and the address hospitals reach, an outsider
+    tries to register a key of its own, unregister a hospital, submit a run and
+    list runs. The front proxy answers each Control API request with 403 (its
+    access log names the missing client certificate); the hospitals stay online.
+    """
+    fed = federation
+    before = _online(fed)
+    home = tmp_path / "outsider-home"
+    write_connection("outsider", fed.address, Path(fed.ca_cert), home)
+    key = write_node_keys(tmp_path / "outsider-keys", "outsider")
+    victim = fed.sites[0].node_id
+    attempts = {
+        "register-node": ("supernode", "register", str(key.public_key), "outsider"),
+        "unregister-node": ("supernode", "unregister", str(victim), "outsider"),
+        "start-run": ("run", str(ROOT), "outsider"),
+        "list-runs": ("ls", "outsider"),
+    }
+    for endpoint, args in attempts.items():
+        proc = _outsider_flwr(fed, home, *args)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode != 0, (endpoint, output[-2000:])
+        assert "403" in output, (endpoint, output[-2000:])
+    access = (Path(fed.folder) / "control-plane/front/access.log").read_text()
+    for endpoint in attempts:
+        line = f'"POST /v1/control/{endpoint} HTTP/1.1" 403 client_cert=NONE'
+        assert line in access, (endpoint, access[-2000:])
+    assert _online(fed) == before
+    assert victim in {
+        n["node-id"] for n in list_nodes(fed.connection, Path(fed.flwr_home))
+    }
+
+
+def _post_status(url: str, ca: str, cert: tuple[str, str] | None = None) -> int:
+    context = ssl.create_default_context(cafile=ca)
+    if cert is not None:
+        context.load_cert_chain(*cert)
+    with httpx.Client(verify=context, timeout=30) as client:
+        headers = {"content-type": "application/protobuf"}
+        return client.post(url, content=b"", headers=headers).status_code
+
+
+def test_only_the_operator_certificate_opens_the_control_api(federation):
+    """mTLS at the front: the operator's certificate passes; nothing else does.
+
+    The SuperLink's own certificate (server authentication only) is refused as a
+    client certificate (400, "unsuitable certificate purpose"), the Runtime API is
+    not served at the front at all, and the SuperLink itself listens on loopback.
+    """
+    fed = federation
+    tls = fed.tls
+    url = f"https://{fed.address}"
+    operator = (tls["operator_cert"], tls["operator_key"])
+    server = (tls["server_cert"], tls["server_key"])
+    assert _post_status(url + "/v1/control/list-runs", tls["ca_cert"], operator) == 200
+    assert _post_status(url + "/v1/control/list-runs", tls["ca_cert"]) == 403
+    assert _post_status(url + "/v1/control/list-runs", tls["ca_cert"], server) == 400
+    assert _post_status(url + "/v1/runtime/get-run", tls["ca_cert"], operator) == 403
+    access = (Path(fed.folder) / "control-plane/front/access.log").read_text()
+    assert "client_cert=FAILED:unsuitable certificate purpose" in access
+    superlink = fed.process("superlink").argv
+    assert superlink[superlink.index("--host") + 1] == "127.0.0.1"
+    assert fed.superlink_address.startswith("127.0.0.1:")
+    assert fed.control_address.startswith("127.0.0.1:")
+
+
+def test_the_operator_runs_lists_and_stops_a_run_through_the_gateway(
+    federation, tmp_path
+):
+    """The operator's `flwr` connection (the gateway) can start, list and stop."""
+    fed = federation
     out = tmp_path / "out"
-    try:
-        log = _flwr_run(fed, {**TINY, "num-server-rounds": 1, "output-dir": str(out)})
-    finally:
-        stop_process(fed.process("supernode-site-wrong-dir"), grace=5)
-    _, summary = _summary(out)
-    (round1,) = summary["rounds"]
-    assert len(round1["clients-train"]) == 3, log[-3000:]
-    # the reply screening drops the error reply, naming the node and the folder,
-    # before the strategy counts what is left
-    rejected = f"Rejected train reply from node {bad.node_id}: error reply"
-    assert rejected in log, log[-3000:]
-    assert str(missing) in log
-    assert "Received 3 results and 0 failures" in log
+    run_config = {**TINY, "num-server-rounds": 50, "output-dir": str(out)}
+    command = [c for c in _flwr_run_command(fed, run_config) if c != "--stream"]
+    started = subprocess.run(
+        [*command, "--format", "json"],
+        cwd=ROOT,
+        env=_env(fed),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    run_id = int(json.loads(started.stdout)["run-id"])
+    listed = subprocess.run(
+        [FLWR, "ls", fed.connection, "--format", "json"],
+        cwd=ROOT,
+        env=_env(fed),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert run_id in [int(r["run-id"]) for r in json.loads(listed.stdout)["runs"]]
+    stopped = subprocess.run(
+        [FLWR, "stop", str(run_id), fed.connection, "--format", "json"],
+        cwd=ROOT,
+        env=_env(fed),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    access = (Path(fed.folder) / "control-plane/front/access.log").read_text()
+    operator = 'client_cert=SUCCESS "CN=flower-medimg operator'
+    for endpoint in ("start-run", "list-runs", "stop-run"):
+        assert f'"POST /v1/control/{endpoint} HTTP/1.1" 200 {operator}' in access
+
+
+def test_keys_and_site_folders_are_private(federation):
+    """Private keys 0600; key, TLS, site data and state folders 0700."""
+    fed = federation
+    root = Path(fed.folder)
+    for key in [*(root / "tls").glob("*.key"), *(root / "keys").glob("*.key")]:
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    folders = [root / "tls", root / "keys"]
+    for site in fed.sites[:3]:
+        folders += [Path(site.data_dir), Path(site.state_dir)]
+        data_files = [p for p in Path(site.data_dir).rglob("*") if p.is_file()]
+        assert data_files
+        for file in data_files:
+            assert stat.S_IMODE(file.stat().st_mode) == 0o600, file
+    for folder in folders:
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
 
 
 def test_site_killed_mid_run(federation, tmp_path):

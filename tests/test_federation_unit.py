@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import shutil
+import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,11 +20,22 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_private_key,
     load_ssh_public_key,
 )
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from flwr.cli.supernode.register import try_load_public_key
 
 from flower_medimg.cli import main
+from flower_medimg.core.private_files import write_private
 from flower_medimg.federation import Federation, Site, supernode_argv
-from flower_medimg.federation.certificates import write_tls_files
+from flower_medimg.federation.certificates import OPERATOR_NAME, write_tls_files
+from flower_medimg.federation.control_plane import (
+    CONTROL_PREFIX,
+    FLEET_PREFIX,
+    ProxyTls,
+    find_nginx,
+    front_config,
+    gateway_config,
+    start_proxy,
+)
 from flower_medimg.federation.flwr_cli import (
     read_connection,
     remove_connection,
@@ -28,7 +43,7 @@ from flower_medimg.federation.flwr_cli import (
 )
 from flower_medimg.federation.keys import write_node_keys
 from flower_medimg.federation.launcher import runtime_env
-from flower_medimg.federation.processes import (
+from flower_medimg.site.processes import (
     ProcessRecord,
     free_port,
     is_running,
@@ -195,3 +210,116 @@ def test_cli_certs_keygen_and_data(tmp_path, capsys):
 def test_cli_status_without_federation(tmp_path, capsys):
     assert main(["federation", "status", "--dir", str(tmp_path)]) == 1
     assert "No federation" in capsys.readouterr().err
+
+
+def test_operator_certificate_is_for_client_authentication_only(tmp_path):
+    files = write_tls_files(tmp_path)
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    operator = x509.load_pem_x509_certificate(files.operator_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    operator.verify_directly_issued_by(ca)
+    usage = operator.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    usage = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert OPERATOR_NAME in operator.subject.rfc4514_string()
+    assert stat.S_IMODE(files.operator_key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o700
+
+
+def test_private_file_is_never_readable_by_others(tmp_path, monkeypatch):
+    """0600 from the first byte, whatever the umask; a replaced file stays 0600."""
+    opened: list[int] = []
+    real_open = os.open
+
+    def spy(path, flags, mode=0o777, *args, **kwargs):
+        opened.append(mode)
+        return real_open(path, flags, mode, *args, **kwargs)
+
+    old = os.umask(0)
+    try:
+        target = tmp_path / "secret.key"
+        target.write_bytes(b"old")
+        target.chmod(0o644)
+        monkeypatch.setattr(os, "open", spy)
+        write_private(target, b"new key")
+    finally:
+        os.umask(old)
+    assert opened == [0o600]
+    assert target.read_bytes() == b"new key"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["secret.key"]  # no partial left
+
+
+def test_node_key_written_private(tmp_path):
+    old = os.umask(0)
+    try:
+        keys = write_node_keys(tmp_path / "keys", "site-0")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(keys.private_key.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "keys").stat().st_mode) == 0o700
+
+
+def test_front_config_forwards_only_the_fleet_api_without_a_certificate(tmp_path):
+    """nginx accepts the generated configuration; its rules are the promised ones."""
+    files = write_tls_files(tmp_path / "tls")
+    tls = ProxyTls(str(files.ca_cert), str(files.server_cert), str(files.server_key))
+    config = front_config(tmp_path / "front", "127.0.0.1:9", "127.0.0.1:8", tls)
+    fleet = config.index(f"location {FLEET_PREFIX}")
+    control = config.index(f"location {CONTROL_PREFIX}")
+    fallback = config.index("location / {")
+    assert "ssl_client_certificate" in config and "ssl_verify_client optional" in config
+    assert "$ssl_client_verify != SUCCESS" in config[control:fallback]
+    assert "$ssl_client_verify" not in config[fleet:control]
+    assert "return 403" in config[fallback:]
+    assert "proxy_pass" not in config[fallback:]
+    gateway = gateway_config(tmp_path / "gw", "127.0.0.1:7", "127.0.0.1:9", tls)
+    assert f"location {FLEET_PREFIX}" not in gateway
+    for text in (config, gateway):
+        conf = tmp_path / "check.conf"
+        conf.write_text(text)
+        (tmp_path / "front" / "tmp").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "gw" / "tmp").mkdir(parents=True, exist_ok=True)
+        checked = subprocess.run(
+            [find_nginx(), "-e", str(tmp_path / "e.log"), "-t", "-c", str(conf)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert checked.returncode == 0, checked.stderr
+
+
+def test_a_refused_proxy_config_names_the_file(tmp_path):
+    with pytest.raises(RuntimeError, match=r"nginx refused .*nginx\.conf \(proxy\)"):
+        start_proxy(
+            "proxy", tmp_path / "p", "events {}\nhttp { bogus; }\n", "127.0.0.1:9", {}
+        )
+
+
+def test_missing_nginx_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="apt-get install nginx"):
+        find_nginx()
+
+
+def test_cli_prints_a_gateway_config_nginx_accepts(tmp_path, capsys):
+    write_tls_files(tmp_path / "tls")
+    args = ["federation", "proxy-config", "gateway", "--tls", str(tmp_path / "tls")]
+    args += ["--listen", "127.0.0.1:7", "--upstream", "127.0.0.1:8000"]
+    args += ["--folder", str(tmp_path / "gw"), "--server-name", "superlink.example.org"]
+    assert main(args) == 0
+    config = capsys.readouterr().out
+    assert str(tmp_path / "tls" / "operator.crt") in config
+    assert "proxy_pass https://127.0.0.1:8000;" in config
+    assert "proxy_ssl_name superlink.example.org;" in config
+    (tmp_path / "gw" / "tmp").mkdir(parents=True)
+    conf = tmp_path / "gw.conf"
+    conf.write_text(config)
+    checked = subprocess.run(
+        [find_nginx(), "-e", str(tmp_path / "e.log"), "-t", "-c", str(conf)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr

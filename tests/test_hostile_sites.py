@@ -8,6 +8,7 @@ from flwr.simulation import run_simulation
 from tiny_config import TINY
 
 from flower_medimg.client_apps import make_client_app
+from flower_medimg.lifecycle.outputs import load_global_model
 from flower_medimg.server_app import make_server_app
 from flower_medimg.simulation import backend_config
 
@@ -131,6 +132,8 @@ def test_rounds_that_aggregate_nothing_end_the_run_naming_the_sites(tmp_path):
     (run_dir,) = (tmp_path / "out").iterdir()
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    # the global model is the initial one, whole (not an empty state dict)
+    assert load_global_model(run_dir) is not None
     stats = json.loads((run_dir / "statistics.json").read_text())
     for site in stats["sites"]:
         assert f"node {site['node-id']}: " in str(caught.value)

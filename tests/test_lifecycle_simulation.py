@@ -146,13 +146,13 @@ class CrashingGrid:
     def __getattr__(self, name):
         return getattr(self.grid, name)
 
-    def send_and_receive(self, messages, *args, **kwargs):
+    def push_messages(self, messages):
         messages = list(messages)
         if messages and messages[0].metadata.message_type == "train":
             self.train_calls += 1
             if self.train_calls == self.crash_round:
                 raise RuntimeError("simulated ServerApp crash")
-        return self.grid.send_and_receive(messages, *args, **kwargs)
+        return self.grid.push_messages(messages)
 
 
 def _crashing_server_app(config, crash_round):

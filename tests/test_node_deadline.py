@@ -52,28 +52,51 @@ def _message(src, dst, error=False):
 
 
 class ReplyingGrid(ListGrid):
-    """Answers for the nodes in ``healthy``; a dead node's error comes from node 1."""
+    """Answers for the nodes in ``healthy``; a dead node's error comes from node 1.
 
-    def __init__(self, node_ids, healthy):
+    Each pull returns at most one new reply, so the wrapper has to pull repeatedly.
+    """
+
+    def __init__(self, node_ids, healthy, now):
         super().__init__(node_ids)
         self.healthy = healthy
+        self.now = now  # a one-item list: the fake clock, one second per pull
+        self.queued = []
+        self.pulls = 0
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        ids = []
         for msg in messages:
             dst = msg.metadata.dst_node_id
+            msg_id = f"msg-{dst}"
+            ids.append(msg_id)
             if dst in self.healthy:
-                replies.append(_message(dst, 1))
+                reply = _message(dst, 1)
             elif dst == 12:  # the SuperLink answers for a vanished SuperNode
-                replies.append(_message(1, 1, error=True))
-            # node 13 times out: no reply at all
-        return replies
+                reply = _message(1, 1, error=True)
+            else:  # node 13 times out: no reply at all
+                continue
+            reply.metadata.__dict__["_reply_to_message_id"] = msg_id
+            self.queued.append(reply)
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        self.now[0] += 1.0
+        ready = [
+            m for m in self.queued if m.metadata.reply_to_message_id in message_ids
+        ]
+        return ready[:1]
 
 
 def test_nodes_without_a_valid_reply_are_named(caplog):
-    grid = NodeDeadlineGrid(ReplyingGrid([10, 11, 12, 13], {10, 11}), 2, 60)
+    now = [0.0]
+    inner = ReplyingGrid([10, 11, 12, 13], {10, 11}, now)
+    grid = NodeDeadlineGrid(inner, 2, 60, clock=lambda: now[0])
     sent = [_message(1, node) for node in (10, 11, 12, 13)]
     with caplog.at_level(logging.WARNING, logger="flwr"):
         replies = grid.send_and_receive(sent, timeout=5)
     assert len(replies) == 3
+    # one reply per pull, then pulls for the silent node until the timeout
+    assert inner.pulls == 5
     assert "No valid train reply from node(s) [12, 13]" in caplog.text

@@ -81,6 +81,7 @@ class InProcessGrid:
         self.app = make_client_app(**config)
         self.before_train = before_train
         self.train_rounds = 0
+        self.replies = {}
         self.contexts = {
             node: Context(
                 run_id=1,
@@ -95,18 +96,25 @@ class InProcessGrid:
     def get_node_ids(self):
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
+        """Deliver each message to its node now; return the message ids."""
         messages = list(messages)
         if messages and messages[0].metadata.message_type == "train":
             self.train_rounds += 1
             if self.before_train is not None:
                 self.before_train(self.train_rounds)
-        replies = []
+        ids = []
         for message in messages:  # a message id, as a grid gives it when it pushes
-            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            message_id = uuid.uuid4().hex
+            message.metadata.__dict__["_message_id"] = message_id
             context = self.contexts[message.metadata.dst_node_id]
-            replies.append(self.app(message, context))
-        return replies
+            self.replies[message_id] = self.app(message, context)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        """Hand over the replies to ``message_ids`` (each once)."""
+        return [self.replies.pop(i) for i in message_ids if i in self.replies]
 
 
 def run_server(config, run_id, before_train=None):

@@ -52,6 +52,7 @@ from flower_medimg.core.settings import (
     check_values,
     resolve_settings,
 )
+from flower_medimg.core.startup import startup_seconds
 from flower_medimg.core.tasks import get_task
 from flower_medimg.data import site_datasets
 
@@ -77,7 +78,13 @@ from .methods import (
 from .site_mods import SVT_STATE, run_with_mods, site_mods
 from .site_state import SiteState
 from .statistics import statistics_reply
-from .training import make_optimizer, mean_loss, nova_a, train_local
+from .training import (
+    drops_last_batch,
+    make_optimizer,
+    mean_loss,
+    nova_a,
+    train_local,
+)
 from .watchdog import deadline_mod
 
 __all__ = ["make_client_app", "site_name", "site_seed"]
@@ -164,8 +171,7 @@ def _loaders(
         batch_size=batch_size,
         shuffle=True,
         generator=generator,
-        # BatchNorm cannot train on a last batch of one image
-        drop_last=len(train_ds) % batch_size == 1,
+        drop_last=drops_last_batch(len(train_ds), batch_size),
     )
     ordered = DataLoader(train_ds, batch_size=batch_size)
     validation = DataLoader(val_ds, batch_size=batch_size)
@@ -220,7 +226,7 @@ def _train(msg: Message, context: Context, settings: Settings) -> Message:
     )
     shuffled, ordered, _, num_examples = _loaders(settings, context, seed)
     loss_fn = task.loss_fn()
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = _startup(context)
     if protocol.METRIC_TRAIN_LOSS_BEFORE in requested:
         values[protocol.METRIC_TRAIN_LOSS_BEFORE] = mean_loss(
             model, ordered, loss_fn, dev
@@ -345,6 +351,14 @@ def _attacked(
     )
 
 
+def _startup(context: Context) -> dict[str, float]:
+    """``startup-s`` in deployment (see :mod:`flower_medimg.core.startup`)."""
+    if protocol.NODE_PARTITION_ID in context.node_config:
+        return {}  # simulation: the Ray actor started long before this message
+    seconds = startup_seconds()
+    return {} if seconds is None else {protocol.METRIC_STARTUP_TIME: seconds}
+
+
 def _evaluate(msg: Message, context: Context, settings: Settings) -> Message:
     started = time.perf_counter()
     task = get_task(settings["task"])
@@ -352,6 +366,7 @@ def _evaluate(msg: Message, context: Context, settings: Settings) -> Message:
     site_model = _SiteModel(settings, SiteState(context))
     site_model.load(msg.content[protocol.RECORD_ARRAYS])
     _, _, validation, _ = _loaders(settings, context, seed=0)
+    startup = _startup(context)
     values = task.evaluate(site_model.model.to(dev), validation, dev)
     partition = context.node_config.get(protocol.NODE_PARTITION_ID)
     if partition is not None:  # simulation: which site this is
@@ -361,6 +376,7 @@ def _evaluate(msg: Message, context: Context, settings: Settings) -> Message:
             protocol.METRIC_NUM_EXAMPLES: len(validation.dataset),
             protocol.METRIC_UNIT_WEIGHT: 1,
             **values,
+            **startup,
             protocol.METRIC_EVAL_TIME: time.perf_counter() - started,
         }
     )

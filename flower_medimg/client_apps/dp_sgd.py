@@ -42,6 +42,8 @@ __all__ = [
     "ACCOUNTANT_STATE",
     "DPSettings",
     "PrivacyBudgetExceededError",
+    "RoundSpend",
+    "plan_round",
     "privatize",
 ]
 
@@ -105,6 +107,62 @@ class DPSettings:
             delta=settings["dp.delta"],
             grad_sample_mode=settings["dp.grad-sample-mode"],
         )
+
+
+@dataclass(frozen=True)
+class RoundSpend:
+    """What one round of DP-SGD at a site adds to its accountant's history.
+
+    Attributes
+    ----------
+    noise_multiplier : float
+        σ of the round.
+    sample_rate : float
+        Poisson sampling rate of a lot, ``1 / lots per epoch``.
+    steps : int
+        Lots drawn in the round (``epochs * lots per epoch``).
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def as_history_entry(self) -> tuple[float, float, int]:
+        """Return the ``(σ, q, steps)`` entry of Opacus's RDP accountant history."""
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+def plan_round(
+    settings: DPSettings, lots_per_epoch: int, *, epochs: int, num_rounds: int
+) -> RoundSpend:
+    """Return σ, q and the steps of one round, as :func:`privatize` trains it.
+
+    With a target ε, σ is calibrated (Opacus's ``get_noise_multiplier``, RDP) so
+    that ``num_rounds`` rounds of ``epochs * lots_per_epoch`` steps spend it.
+
+    Parameters
+    ----------
+    settings : DPSettings
+        σ or target ε, and δ.
+    lots_per_epoch : int
+        Batches of the site's training loader (``len(loader)``).
+    epochs : int
+        Local epochs this round.
+    num_rounds : int
+        Rounds in the run.
+    """
+    sample_rate = 1.0 / lots_per_epoch
+    steps = epochs * lots_per_epoch
+    sigma = settings.noise_multiplier
+    if settings.target_epsilon > 0:
+        sigma = get_noise_multiplier(
+            target_epsilon=settings.target_epsilon,
+            target_delta=settings.delta,
+            sample_rate=sample_rate,
+            steps=steps * num_rounds,
+            accountant="rdp",
+        )
+    return RoundSpend(sigma, sample_rate, steps)
 
 
 def _accountant(state: SiteState) -> RDPAccountant:
@@ -172,24 +230,15 @@ def privatize(
     PrivacyBudgetExceededError
         If this round would take the site's ε above ``max_epsilon``.
     """
-    sample_rate = 1.0 / len(loader)
-    steps_per_round = epochs * len(loader)
-    sigma = settings.noise_multiplier
-    if settings.target_epsilon > 0:
-        sigma = get_noise_multiplier(
-            target_epsilon=settings.target_epsilon,
-            target_delta=settings.delta,
-            sample_rate=sample_rate,
-            steps=steps_per_round * num_rounds,
-            accountant="rdp",
-        )
+    spend = plan_round(settings, len(loader), epochs=epochs, num_rounds=num_rounds)
+    sigma, sample_rate = spend.noise_multiplier, spend.sample_rate
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = _accountant(state).history
     if max_epsilon is not None:
         planned = RDPAccountant()
         planned.history = [
             *engine.accountant.history,
-            (sigma, sample_rate, steps_per_round),
+            spend.as_history_entry(),
         ]
         epsilon = planned.get_epsilon(settings.delta)
         if epsilon > max_epsilon or math.isnan(epsilon):

@@ -25,8 +25,9 @@ from flower_medimg.privacy import (
     SVTPrivacyMod,
     safe_fixedclipping_mod,
 )
+from flower_medimg.privacy.sparse_sharing import num_released, svt_noise_scales
 
-__all__ = ["SVT_STATE", "run_with_mods", "site_mods"]
+__all__ = ["SVT_STATE", "run_with_mods", "site_mods", "svt_round_epsilon"]
 
 #: ``context.state`` entry of the SVT filter's ε odometer.
 SVT_STATE = "svt-privacy"
@@ -58,6 +59,28 @@ def site_mods(settings: Settings) -> list[Mod]:
             )
         )
     return mods
+
+
+def svt_round_epsilon(settings: Settings, num_coordinates: int) -> float:
+    """Return the ε one round of the run's SVT filter spends on an update.
+
+    Parameters
+    ----------
+    settings : Settings
+        The run's settings (``privacy.*``).
+    num_coordinates : int
+        Values in the update the filter sees (the shared arrays).
+    """
+    if settings["privacy.filter"] != "svt":
+        return 0.0
+    released = num_released(settings["privacy.share"], num_coordinates)
+    eps_thr, eps_query, eps_release, *_ = svt_noise_scales(
+        released,
+        settings["privacy.epsilon"],
+        1.0,  # γ scales the noise, not the budget
+        _optional(settings["privacy.release-epsilon"]),
+    )
+    return eps_thr + eps_query + eps_release
 
 
 def run_with_mods(

@@ -14,9 +14,11 @@ from .methods.harmofl import perturbed_step
 
 __all__ = [
     "LocalTrainingResult",
+    "drops_last_batch",
     "make_optimizer",
     "mean_loss",
     "nova_a",
+    "train_batches",
     "train_local",
 ]
 
@@ -29,6 +31,21 @@ class LocalTrainingResult:
     num_samples: int
     mean_loss: float
     empty_batches: int = 0
+
+
+def drops_last_batch(num_examples: int, batch_size: int) -> bool:
+    """Whether the shuffled training loader drops its last batch.
+
+    It does when that batch would hold one image: BatchNorm cannot train on it.
+    """
+    return num_examples % batch_size == 1
+
+
+def train_batches(num_examples: int, batch_size: int) -> int:
+    """Batches per epoch of the site's shuffled training loader (DP-SGD's lots)."""
+    if drops_last_batch(num_examples, batch_size):
+        return num_examples // batch_size
+    return -(-num_examples // batch_size)
 
 
 def make_optimizer(

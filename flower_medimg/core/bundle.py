@@ -28,12 +28,18 @@ number of elements.
 from __future__ import annotations
 
 import pydoc
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from monai.bundle import ConfigComponent, ConfigExpression, ConfigParser
+from monai.bundle import (
+    ComponentLocator,
+    ConfigComponent,
+    ConfigExpression,
+    ConfigParser,
+)
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -99,9 +105,27 @@ def _where(config_id: str) -> str:
     return f"'{config_id}'" if config_id else "the network"
 
 
+class _SnapshotLocator(ComponentLocator):
+    """MONAI's component locator, reading a copy of ``sys.modules``.
+
+    Flower's simulation runs the ServerApp in a thread while its engine imports in
+    another; iterating ``sys.modules`` itself then fails with "dictionary changed
+    size during iteration".
+    """
+
+    def _find_module_names(self) -> list[str]:
+        return [
+            name
+            for name in list(sys.modules)
+            if name.startswith(self.MOD_START)
+            and all(part not in name for part in self.excludes)
+        ]
+
+
 def _network_class(target: Any, config_id: str) -> type[torch.nn.Module]:
     """Return the ``torch.nn.Module`` class a ``_target_`` names, if it is allowed."""
-    name = ConfigComponent({"_target_": target}).resolve_module_name()
+    component = ConfigComponent({"_target_": target}, locator=_SnapshotLocator())
+    name = component.resolve_module_name()
     if not isinstance(name, str) or not name.startswith(_NETWORK_PACKAGES):
         raise BundleError(
             f"{_where(config_id)} has _target_ {target!r}: the server builds only "

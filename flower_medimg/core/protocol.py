@@ -32,6 +32,7 @@ __all__ = [
     "METRIC_PARTITION_ID",
     "METRIC_RANGES",
     "METRIC_SHARED_FRACTION",
+    "METRIC_STARTUP_TIME",
     "METRIC_SVT_EPSILON",
     "METRIC_TRAIN_LOSS_AFTER",
     "METRIC_TRAIN_LOSS_BEFORE",
@@ -41,6 +42,7 @@ __all__ = [
     "NODE_DATA_DIR",
     "NODE_DATALIST",
     "NODE_DP_MAX_EPSILON",
+    "NODE_MAX_VOXELS",
     "NODE_NUM_PARTITIONS",
     "NODE_PARTITION_ID",
     "NODE_SHARE_STATISTICS",
@@ -108,6 +110,10 @@ METRIC_TRAIN_TIME = "train-time-s"
 METRIC_DP_EPSILON = "dp-epsilon"
 METRIC_EVAL_LOSS = "eval-loss"
 METRIC_EVAL_TIME = "eval-time-s"
+#: Deployment only: seconds from the message reaching the site to the start of the
+#: ClientApp's work (imports, app loading, data, model; see
+#: :mod:`flower_medimg.core.startup`).
+METRIC_STARTUP_TIME = "startup-s"
 #: Simulation only: which synthetic site answered (recorded per site, never averaged).
 METRIC_PARTITION_ID = "partition-id"
 #: Statistics reply: the size of the site's training set, the most ``num-examples``
@@ -126,6 +132,7 @@ SITE_BOOKKEEPING_METRICS = (
     METRIC_UNIT_WEIGHT,
     METRIC_TRAIN_TIME,
     METRIC_EVAL_TIME,
+    METRIC_STARTUP_TIME,
     METRIC_PARTITION_ID,
 )
 
@@ -158,6 +165,7 @@ NODE_SITE_NAME = "site-name"
 NODE_DATALIST = "datalist"
 NODE_STATE_DIR = "state-dir"
 NODE_DP_MAX_EPSILON = "dp-max-epsilon"
+NODE_MAX_VOXELS = "max-voxels"  # the site's cap on voxels per image file
 NODE_SHARE_STATISTICS = "share-statistics"
 NODE_PARTITION_ID = "partition-id"  # set by Flower's simulation runtime
 NODE_NUM_PARTITIONS = "num-partitions"

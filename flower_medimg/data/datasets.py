@@ -9,11 +9,13 @@ whether the images come from a site folder or are generated in memory.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import Dataset
@@ -27,15 +29,19 @@ from monai.transforms import (
     Resized,
     ScaleIntensityd,
 )
+from PIL import Image
 
 from flower_medimg.core import protocol
 from flower_medimg.core.settings import Settings
 from flower_medimg.core.tasks import TASKS
+from flower_medimg.data.cache import CachedSiteDataset, site_cache_folder
 from flower_medimg.data.site_folder import DATALIST_NAME, SPLITS, load_datalist
 from flower_medimg.data.synthetic import synthetic_site, synthetic_test_set
 
 __all__ = [
+    "MAX_VOXELS",
     "SYNTHETIC_KEYS",
+    "CheckSegmentationLabeld",
     "EnsureSpatialDimsd",
     "ImageReadError",
     "LoadSiteImaged",
@@ -43,6 +49,7 @@ __all__ = [
     "central_test_dataset",
     "clear_data_cache",
     "make_dataset",
+    "header_shape",
     "site_datasets",
     "site_transforms",
     "synthetic_settings",
@@ -63,6 +70,20 @@ SYNTHETIC_KEYS: dict[str, str] = {
 
 _CACHE_SIZE = 16
 
+MAX_VOXELS = 2**25
+"""Default of the most voxels (all dims, channels included) an image or label file
+may hold; a site sets its own with ``node_config["max-voxels"]``.
+
+:class:`LoadSiteImaged` reads the shape from the file header (NIfTI, ``.npy``, PNG and
+other PIL formats, DICOM) before any pixel data and refuses a larger file, so that a
+decompression bomb or a header that lies about its size fails fast instead of
+filling memory. ``2**25`` is e.g. 320^3 or 5792^2 voxels.
+"""
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img")
+_PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_DICOM_SUFFIXES = (".dcm", ".dicom")
+
 
 class ImageReadError(RuntimeError):
     """An image or label file that cannot be read, or does not fit the task.
@@ -80,29 +101,108 @@ class ImageReadError(RuntimeError):
         self.path = path
 
 
+def header_shape(path: str | Path) -> tuple[int, ...] | None:
+    """Return the array shape a file's header declares, reading no pixel data.
+
+    Parameters
+    ----------
+    path : str or Path
+        An image file: NIfTI (``.nii``, ``.nii.gz``, Analyze ``.hdr``/``.img``),
+        ``.npy``, PNG/JPEG/BMP/TIFF (via PIL) or DICOM (``.dcm``).
+
+    Returns
+    -------
+    tuple[int, ...] or None
+        The declared shape (PIL images: ``(width, height, bands)``), or ``None`` for
+        a format whose header is not inspected here (e.g. a DICOM series folder).
+
+    Raises
+    ------
+    Exception
+        Whatever the header reader raises for a corrupt, truncated or empty file.
+    """
+    name = str(path).lower()
+    if name.endswith(_NIFTI_SUFFIXES):
+        return tuple(int(n) for n in nib.load(str(path)).header.get_data_shape())
+    if name.endswith(".npy"):
+        with open(path, "rb") as file:
+            version = np.lib.format.read_magic(file)
+            if version == (1, 0):
+                shape, _, _ = np.lib.format.read_array_header_1_0(file)
+            else:
+                shape, _, _ = np.lib.format.read_array_header_2_0(file)
+        return tuple(int(n) for n in shape)
+    if name.endswith(_PIL_SUFFIXES):
+        with Image.open(path) as image:  # reads the header only, no pixel data
+            return (*image.size, len(image.getbands()))
+    if name.endswith(_DICOM_SUFFIXES):
+        import pydicom
+
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        return (
+            int(getattr(ds, "NumberOfFrames", 1) or 1),
+            int(ds.Rows),
+            int(ds.Columns),
+            int(getattr(ds, "SamplesPerPixel", 1) or 1),
+        )
+    return None
+
+
+def _check_voxels(key: str, path: str, max_voxels: int) -> None:
+    """Raise :class:`ImageReadError` if ``path``'s header declares > ``max_voxels``."""
+    try:
+        shape = header_shape(path)
+    except Exception as err:
+        raise ImageReadError(
+            f"cannot read the header of {key} file {path}: {type(err).__name__}: {err}",
+            path=path,
+        ) from err
+    if shape is not None and int(np.prod(shape, dtype=np.float64)) > max_voxels:
+        raise ImageReadError(
+            f"{key} file {path} declares shape {shape} in its header: "
+            f"{int(np.prod(shape, dtype=np.float64))} voxels, over the cap of "
+            f"{max_voxels} (node_config '{protocol.NODE_MAX_VOXELS}', default "
+            f"{MAX_VOXELS}); not read.",
+            path=path,
+        )
+
+
 class LoadSiteImaged(MapTransform):
     """:class:`monai.transforms.LoadImaged` that names the file a reader fails on.
 
     MONAI picks the reader from the file suffix (NIfTI via nibabel, DICOM via pydicom,
-    PNG/JPEG via PIL, ...). Any reader error is re-raised as :class:`ImageReadError`
-    whose message names the key and the file.
+    PNG/JPEG via PIL, ...). Before reading, the shape declared in the file header
+    (see :func:`header_shape`) must hold at most ``max_voxels`` voxels. Any
+    reader error is re-raised as :class:`ImageReadError` whose message names the key
+    and the file.
 
     Parameters
     ----------
     keys : KeysCollection
         Keys of the file paths to load.
+    max_voxels : int
+        The cap on voxels per file (default :data:`MAX_VOXELS`).
     allow_missing_keys : bool
         Don't raise if a key is missing.
     """
 
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        max_voxels: int = MAX_VOXELS,
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.max_voxels = max_voxels
         self._loaders = {key: LoadImaged(key, image_only=True) for key in self.keys}
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Load the image of every key, naming the file on failure."""
         d = dict(data)
         for key in self.key_iterator(d):
+            files = d[key] if isinstance(d[key], (list, tuple)) else [d[key]]
+            for file in files:
+                _check_voxels(key, str(file), self.max_voxels)
             try:
                 d = self._loaders[key](d)
             except Exception as err:
@@ -176,6 +276,50 @@ class EnsureSpatialDimsd(MapTransform):
         return d
 
 
+class CheckSegmentationLabeld(MapTransform):
+    """Check a loaded segmentation label against its image; never fix it silently.
+
+    Applied after :class:`EnsureSpatialDimsd` (both keys channel-first, one
+    channel), before any resizing: the label's spatial shape must equal the
+    image's, and every label value must be 0 or 1 (no NaN). Otherwise
+    :class:`ImageReadError` names the label file and what is wrong.
+
+    Parameters
+    ----------
+    label_key : str
+        Key of the label map.
+    image_key : str
+        Key of the image it belongs to.
+    """
+
+    def __init__(self, label_key: str = "label", image_key: str = "image") -> None:
+        super().__init__((label_key,))
+        self.label_key = label_key
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Raise if the label does not fit the image or is not binary."""
+        d = dict(data)
+        label, image = d[self.label_key], d[self.image_key]
+        name = str(getattr(label, "meta", {}).get("filename_or_obj", "?"))
+        if tuple(label.shape[1:]) != tuple(image.shape[1:]):
+            raise ImageReadError(
+                f"{self.label_key} file {name} has spatial shape "
+                f"{tuple(label.shape[1:])}, but its image has "
+                f"{tuple(image.shape[1:])}; a label must match its image.",
+                path=name,
+            )
+        values = np.asarray(label.detach().cpu() if torch.is_tensor(label) else label)
+        if not ((values == 0) | (values == 1)).all():
+            bad = np.unique(values[(values != 0) & (values != 1)])
+            raise ImageReadError(
+                f"{self.label_key} file {name} holds values other than 0 and 1 "
+                f"(e.g. {bad[:5].tolist()}); a segmentation label must be binary.",
+                path=name,
+            )
+        return d
+
+
 class SiteDataset(Dataset):
     """A :class:`monai.data.Dataset` whose file errors name the file.
 
@@ -185,17 +329,28 @@ class SiteDataset(Dataset):
     """
 
     def _transform(self, index: int) -> Any:
-        try:
-            return super()._transform(index)
-        except Exception as err:
-            cause: BaseException | None = err
-            while cause is not None and not isinstance(cause, ImageReadError):
-                cause = cause.__cause__
-            if cause is None:
-                raise
-            raise ImageReadError(
-                f"item {index}: {cause}", path=cause.path
-            ) from cause.__cause__
+        return naming_file_errors(
+            lambda: super(SiteDataset, self)._transform(index), index
+        )
+
+
+def naming_file_errors(compute: Callable[[], Any], index: int) -> Any:
+    """Run ``compute()``; re-raise an :class:`ImageReadError` buried in its error.
+
+    MONAI's ``Compose`` wraps every transform error in ``RuntimeError("applying
+    transform ...")``; the error raised here names the item and the file instead.
+    """
+    try:
+        return compute()
+    except Exception as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, ImageReadError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise ImageReadError(f"item {index}: {cause}", path=cause.path) from (
+            cause.__cause__
+        )
 
 
 def _check(task: str, spatial_dims: int) -> None:
@@ -206,16 +361,24 @@ def _check(task: str, spatial_dims: int) -> None:
 
 
 def site_transforms(
-    task: str, spatial_dims: int, image_size: int, *, from_files: bool
+    task: str,
+    spatial_dims: int,
+    image_size: int,
+    *,
+    from_files: bool,
+    max_voxels: int = MAX_VOXELS,
 ) -> Compose:
     """Return the dictionary transforms that turn a site's items into tensors.
 
     From files: :class:`LoadSiteImaged` (image, and label for segmentation),
-    ``EnsureChannelFirstd``, :class:`EnsureSpatialDimsd`, ``ScaleIntensityd`` (image
-    min-max to ``[0, 1]``), ``Resized`` to ``(image_size,) * spatial_dims`` (labels
-    nearest-neighbour). In memory the images already have the right size, so only the
-    intensity and type steps run. In both cases segmentation labels are binarised
-    (foreground = label ``>= 0.5``) and ``EnsureTyped`` returns plain tensors.
+    ``EnsureChannelFirstd``, :class:`EnsureSpatialDimsd`,
+    :class:`CheckSegmentationLabeld` (segmentation: a label must have its image's
+    shape and values in ``{0, 1}``; nothing is fixed silently), ``ScaleIntensityd``
+    (image min-max to ``[0, 1]``), ``Resized`` to ``(image_size,) * spatial_dims``
+    (labels nearest-neighbour). In memory the images already have the right size, so
+    only the intensity and type steps run, and the (generated) segmentation labels
+    are binarised (foreground = label ``>= 0.5``). ``EnsureTyped`` returns plain
+    tensors.
 
     Parameters
     ----------
@@ -227,6 +390,8 @@ def site_transforms(
         Side length of the output images.
     from_files : bool
         Whether ``"image"`` (and a segmentation ``"label"``) are file paths.
+    max_voxels : int
+        Files whose header declares more voxels are refused unread.
 
     Returns
     -------
@@ -241,9 +406,10 @@ def site_transforms(
     if from_files:
         linear = "bilinear" if spatial_dims == 2 else "trilinear"
         transforms += [
-            LoadSiteImaged(file_keys),
+            LoadSiteImaged(file_keys, max_voxels),
             EnsureChannelFirstd(file_keys),
             EnsureSpatialDimsd(file_keys, spatial_dims, label_keys="label"),
+            *([CheckSegmentationLabeld()] if segmentation else []),
             ScaleIntensityd("image"),
             Resized(
                 file_keys,
@@ -254,8 +420,8 @@ def site_transforms(
         ]
     else:
         transforms.append(ScaleIntensityd("image"))
-    if segmentation:
-        transforms.append(AsDiscreted("label", threshold=0.5))
+        if segmentation:
+            transforms.append(AsDiscreted("label", threshold=0.5))
     label_dtype = torch.float32 if segmentation else torch.long
     transforms.append(
         EnsureTyped(
@@ -272,6 +438,7 @@ def make_dataset(
     image_size: int,
     *,
     from_files: bool,
+    max_voxels: int = MAX_VOXELS,
 ) -> Dataset:
     """Wrap a site's items in a :class:`SiteDataset` with :func:`site_transforms`.
 
@@ -289,6 +456,8 @@ def make_dataset(
         Side length of the output images.
     from_files : bool
         Whether the items hold file paths.
+    max_voxels : int
+        The cap on voxels per file (see :class:`LoadSiteImaged`).
 
     Returns
     -------
@@ -296,7 +465,9 @@ def make_dataset(
         The dataset; reading an unreadable file raises :class:`ImageReadError` naming
         it.
     """
-    transform = site_transforms(task, spatial_dims, image_size, from_files=from_files)
+    transform = site_transforms(
+        task, spatial_dims, image_size, from_files=from_files, max_voxels=max_voxels
+    )
     return SiteDataset(data=items, transform=transform)
 
 
@@ -343,11 +514,41 @@ def _folder_datasets(
     spatial_dims: int,
     image_size: int,
     modified_ns: int,
+    state_dir: str | None,
+    max_voxels: int,
 ) -> tuple[Dataset, Dataset]:
     del modified_ns  # part of the cache key only: an edited datalist is re-read
     items = load_datalist(data_dir, task, datalist)
+    if state_dir is None:
+        train, val = (
+            make_dataset(
+                items[split],
+                task,
+                spatial_dims,
+                image_size,
+                from_files=True,
+                max_voxels=max_voxels,
+            )
+            for split in SPLITS
+        )
+        return train, val
+    transform = site_transforms(
+        task, spatial_dims, image_size, from_files=True, max_voxels=max_voxels
+    )
+    folder = site_cache_folder(
+        Path(state_dir),
+        Path(data_dir) / datalist,
+        [item for split in SPLITS for item in items[split]],
+        transform,
+        {
+            "task": task,
+            "spatial-dims": spatial_dims,
+            "image-size": image_size,
+            "max-voxels": max_voxels,
+        },
+    )
     train, val = (
-        make_dataset(items[split], task, spatial_dims, image_size, from_files=True)
+        CachedSiteDataset(items[split], transform, folder, naming_file_errors)
         for split in SPLITS
     )
     return train, val
@@ -370,6 +571,17 @@ def clear_data_cache() -> None:
     _central_dataset.cache_clear()
 
 
+def _max_voxels(node_config: Mapping[str, Any]) -> int:
+    """Return the site's cap on voxels per file, checked."""
+    value = node_config.get(protocol.NODE_MAX_VOXELS, MAX_VOXELS)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"node_config '{protocol.NODE_MAX_VOXELS}' must be a positive integer "
+            f"(voxels per image file), got {value!r}"
+        )
+    return value
+
+
 def site_datasets(
     settings: Settings, node_config: Mapping[str, Any]
 ) -> tuple[Dataset, Dataset]:
@@ -378,14 +590,18 @@ def site_datasets(
     * Deployment / real data: ``node_config["data-dir"]`` is a site folder;
       its datalist (``node_config["datalist"]``, default ``dataset.json``) is read by
       :func:`~flower_medimg.data.site_folder.load_datalist` and images are loaded from
-      the files and resized to ``data.image-size``.
+      the files and resized to ``data.image-size``; ``node_config["max-voxels"]``
+      (default :data:`MAX_VOXELS`) caps the voxels per file, read from its header.
     * Simulation: ``node_config["partition-id"]`` and ``["num-partitions"]`` pick a
       synthetic site, generated in memory from the settings (see
       :func:`synthetic_settings`).
 
     Results are cached in-process by their arguments, so later rounds in the same
     process reuse the data instead of regenerating or re-reading the datalist (an
-    edited datalist file is picked up).
+    edited datalist file is picked up). A site with a ``state-dir`` also keeps its
+    transformed images there (:mod:`flower_medimg.data.cache`), so that a new
+    process, as Flower starts for every message in deployment, reads them
+    transformed instead of from the raw files.
 
     Parameters
     ----------
@@ -403,7 +619,7 @@ def site_datasets(
     ------
     ValueError
         If ``node_config`` has neither ``data-dir`` nor ``partition-id`` and
-        ``num-partitions``.
+        ``num-partitions``, or its ``max-voxels`` is not a positive integer.
     """
     task = settings["task"]
     synthetic = synthetic_settings(settings)
@@ -412,6 +628,7 @@ def site_datasets(
         datalist = str(node_config.get(protocol.NODE_DATALIST, DATALIST_NAME))
         json_path = data_dir / datalist
         modified = json_path.stat().st_mtime_ns if json_path.is_file() else -1
+        state_dir = node_config.get(protocol.NODE_STATE_DIR)
         return _folder_datasets(
             task,
             str(data_dir),
@@ -419,6 +636,8 @@ def site_datasets(
             synthetic["spatial_dims"],
             synthetic["image_size"],
             modified,
+            None if state_dir is None else str(state_dir),
+            _max_voxels(node_config),
         )
     if protocol.NODE_PARTITION_ID in node_config:
         if protocol.NODE_NUM_PARTITIONS not in node_config:

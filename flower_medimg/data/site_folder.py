@@ -13,13 +13,16 @@ A site folder holds the images (and segmentation masks) of one site and a
 For classification ``"label"`` is an integer class index. Images may be NIfTI, DICOM,
 PNG or anything else :class:`monai.transforms.LoadImage` reads; :func:`load_datalist`
 checks the datalist up front so that a broken site fails with a message naming the
-file and key, before any training starts.
+file and key, before any training starts. Every file it lists must lie inside the
+site folder once symlinks are followed (no ``../``, no absolute path or symlink out of
+it). :func:`write_site_folder` writes folders ``0o700`` and files ``0o600``.
 """
 
 from __future__ import annotations
 
 import json
 import numbers
+import os
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +106,8 @@ def write_site_folder(
     Returns
     -------
     Path
-        Path of the written ``dataset.json``.
+        Path of the written ``dataset.json``. Folders are made ``0o700`` and files
+        ``0o600`` (site data are private).
     """
     _check_task(task)
     if image_format not in IMAGE_FORMATS:
@@ -114,7 +118,17 @@ def write_site_folder(
     for split in SPLITS:
         if not site.get(split):
             raise ValueError(f"site has no {split!r} items; both {SPLITS} are needed.")
-    folder = Path(folder)
+    old_umask = os.umask(0o077)  # site data are private: folders 0o700, files 0o600
+    try:
+        return _write_site_folder(site, Path(folder), task, image_format)
+    finally:
+        os.umask(old_umask)
+
+
+def _write_site_folder(
+    site: dict[str, list[dict]], folder: Path, task: str, image_format: str
+) -> Path:
+    """Write the files of :func:`write_site_folder` (under its umask)."""
     suffix = IMAGE_FORMATS[image_format]
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     if task == "segmentation":
@@ -139,6 +153,19 @@ def write_site_folder(
     datalist["numTraining"] = len(datalist["training"])
     path = folder / DATALIST_NAME
     path.write_text(json.dumps(datalist, indent=2) + "\n")
+    # Folders or files that existed before keep their mode under a umask: set it.
+    for sub in ("", "imagesTr", "labelsTr"):
+        if (folder / sub).is_dir():
+            (folder / sub).chmod(0o700)
+    written = [path] + [
+        folder / entry[key]
+        for split in SPLITS
+        for entry in datalist[split]
+        for key in ("image", "label")
+        if isinstance(entry[key], str)
+    ]
+    for file in written:
+        file.chmod(0o600)
     return path
 
 
@@ -212,18 +239,41 @@ def _check_entries(task: str, split: str, raw: list, path: Path) -> None:
             )
 
 
-def _check_files(task: str, split: str, items: list[dict], path: Path) -> None:
-    """Check that every file referenced by the resolved items exists."""
+def _check_files(
+    task: str, split: str, raw: list, items: list[dict], path: Path, data_dir: Path
+) -> None:
+    """Check that every file of the items exists and lies inside ``data_dir``.
+
+    ``raw`` are the entries as written in the datalist, ``items`` the same entries
+    with paths joined to ``data_dir``; ``data_dir`` is resolved. A path is inside
+    if it is once symlinks are followed (:meth:`pathlib.Path.resolve`), so ``../``,
+    an absolute path elsewhere and a symlink (to a file, or from a folder) out of
+    the site folder are refused, a symlink within it is allowed.
+    """
     keys = ("image", "label") if task == "segmentation" else ("image",)
-    for index, item in enumerate(items):
+    for index, (entry, item) in enumerate(zip(raw, items, strict=True)):
         for key in keys:
+            written = entry[key] if isinstance(entry[key], list) else [entry[key]]
             files = item[key] if isinstance(item[key], list) else [item[key]]
-            for file in files:
-                if not Path(file).exists():
-                    raise FileNotFoundError(
-                        f"{key} file of item {index} of '{split}' in {path} "
-                        f"not found: {file}"
+            for as_written, file in zip(written, files, strict=True):
+                where = f"{key} file of item {index} of '{split}' in {path}"
+                try:
+                    resolved = Path(file).resolve(strict=True)
+                except (FileNotFoundError, NotADirectoryError):
+                    resolved = None
+                except (OSError, RuntimeError) as err:  # e.g. a symlink loop
+                    raise ValueError(
+                        f"{where} ({as_written!r}) cannot be resolved: {err}"
+                    ) from err
+                if not (resolved or Path(file).resolve()).is_relative_to(data_dir):
+                    raise ValueError(
+                        f"{where} is outside the site folder {data_dir}: "
+                        f"{as_written!r} resolves to "
+                        f"{resolved or Path(file).resolve()}; a datalist may only "
+                        "name files inside its site folder."
                     )
+                if resolved is None:
+                    raise FileNotFoundError(f"{where} not found: {file}")
 
 
 def load_datalist(
@@ -232,7 +282,9 @@ def load_datalist(
     """Load and check a site's Decathlon-style datalist.
 
     Paths are resolved against ``data_dir`` with
-    :func:`monai.data.load_decathlon_datalist`; every referenced file must exist.
+    :func:`monai.data.load_decathlon_datalist`; every referenced file must exist and,
+    with symlinks followed, lie inside ``data_dir``. This is checked before any image
+    is opened.
 
     Parameters
     ----------
@@ -256,8 +308,9 @@ def load_datalist(
     ValueError
         If the datalist is not valid JSON, declares another task, lacks a
         ``"training"``/``"validation"`` list or has an empty one, or an item lacks an
-        image, or its label has the wrong type for ``task`` (the message names the key,
-        the item and the datalist).
+        image, or its label has the wrong type for ``task``, or a file lies outside
+        ``data_dir`` (``../``, an absolute path, a symlink out of it) (the message
+        names the key, the item, the path as written and the datalist).
     """
     _check_task(task)
     data_dir = Path(data_dir).expanduser().resolve()
@@ -294,6 +347,6 @@ def load_datalist(
             data_list_key=split,
             base_dir=data_dir,
         )
-        _check_files(task, split, items, path)
+        _check_files(task, split, raw, items, path, data_dir)
         result[split] = items
     return result

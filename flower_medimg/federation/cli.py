@@ -1,4 +1,4 @@
-"""``flower-medimg federation up|down|status|certs|keygen``."""
+"""``flower-medimg federation up|down|status|certs|keygen|proxy-config``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ from pathlib import Path
 
 from flower_medimg.data.synthetic import TASKS
 from flower_medimg.federation.certificates import write_tls_files
+from flower_medimg.federation.control_plane import (
+    ProxyTls,
+    front_config,
+    gateway_config,
+)
 from flower_medimg.federation.keys import write_node_keys
 from flower_medimg.federation.launcher import down, status, up
 
@@ -61,6 +66,21 @@ def add_federation_parser(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument(
         "--timeout", type=float, default=90.0, help="seconds to wait for start-up"
     )
+    start.add_argument(
+        "--runtime",
+        choices=("warm", "flower"),
+        default="warm",
+        help="warm: each site runs its messages in flower-medimg's warm site "
+        "runtime (default); flower: a fresh flwr-clientapp process per message",
+    )
+    start.add_argument(
+        "--approve",
+        action="append",
+        default=None,
+        metavar="APP",
+        help="an app every site approves (app folder, FAB file or hash; "
+        "repeatable; default: the current folder, the app `flwr run .` submits)",
+    )
 
     stop = commands.add_parser("down", help="stop the processes `up` started")
     stop.add_argument("--dir", default="federation", help="working folder")
@@ -74,7 +94,8 @@ def add_federation_parser(subparsers: argparse._SubParsersAction) -> None:
     certs = commands.add_parser(
         "certs",
         help="make a CA and a SuperLink certificate (coordinating centre)",
-        description="Write ca.crt, ca.key, superlink.crt and superlink.key to OUT.",
+        description="Write ca.crt, ca.key, superlink.crt, superlink.key, "
+        "operator.crt and operator.key to OUT.",
     )
     certs.add_argument("--out", required=True, help="destination folder")
     certs.add_argument(
@@ -92,6 +113,33 @@ def add_federation_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     keygen.add_argument("--out", required=True, help="destination folder")
     keygen.add_argument("--name", required=True, help="site name, e.g. site-a")
+
+    proxy = commands.add_parser(
+        "proxy-config",
+        help="print the nginx configuration of the closed control plane",
+        description="Print the nginx configuration of the front proxy (SuperLink "
+        "host: Fleet API for everyone, Control API only with the operator "
+        "certificate) or of the operator gateway (operator's machine: presents "
+        "the operator certificate); run it with `nginx -p FOLDER -c FILE`.",
+    )
+    proxy.add_argument("role", choices=("front", "gateway"))
+    proxy.add_argument("--tls", required=True, help="folder of `federation certs`")
+    proxy.add_argument(
+        "--listen", required=True, help="host:port to listen on (gateway: loopback)"
+    )
+    proxy.add_argument(
+        "--upstream",
+        required=True,
+        help="front: the SuperLink's loopback host:port; gateway: the front's",
+    )
+    proxy.add_argument(
+        "--folder", required=True, help="the proxy's folder (pid, logs, temp files)"
+    )
+    proxy.add_argument(
+        "--server-name",
+        default="localhost",
+        help="a DNS name in superlink.crt, checked on the upstream connection",
+    )
 
 
 def _print(data: object) -> None:
@@ -120,12 +168,27 @@ def run_federation(args: argparse.Namespace) -> int:
             ports=args.ports,
             data_options=data_options,
             timeout=args.timeout,
+            runtime=args.runtime,
+            approve=args.approve if args.approve is not None else ["."],
         )
-        print(f"Federation up in {federation.folder}: SuperLink {federation.address}")
+        print(f"Federation up in {federation.folder}")
+        print(f"  hospitals reach {federation.address} (Fleet API only)")
+        print(f"  operator gateway {federation.control_address} (Control API)")
         for site in federation.sites:
             print(f"  {site.name}: node {site.node_id}, data {site.data_dir}")
         print(f"Submit a run:  flwr run . {federation.connection} --stream")
         print(f"Stop it:       flower-medimg federation down --dir {args.dir}")
+        return 0
+    if command == "proxy-config":
+        tls = Path(args.tls).resolve()
+        if args.role == "front":
+            cert, key, make = "superlink.crt", "superlink.key", front_config
+        else:
+            cert, key, make = "operator.crt", "operator.key", gateway_config
+        files = ProxyTls(
+            str(tls / "ca.crt"), str(tls / cert), str(tls / key), args.server_name
+        )
+        print(make(Path(args.folder).resolve(), args.listen, args.upstream, files))
         return 0
     if command == "down":
         _print(down(args.dir, grace=args.grace))

@@ -25,7 +25,7 @@ import tomli_w
 from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML, FLOWER_CONFIG_FILE
 from flwr.supercore.utils import get_flwr_home
 
-from flower_medimg.federation.processes import tool
+from flower_medimg.site.processes import tool
 
 __all__ = [
     "flwr_env",
@@ -66,18 +66,24 @@ def _write(flwr_home: Path, config: dict[str, Any]) -> Path:
 
 
 def write_connection(
-    name: str, address: str, root_certificates: Path, flwr_home: Path
+    name: str, address: str, root_certificates: Path | None, flwr_home: Path
 ) -> Path:
     """Add (or replace) the SuperLink connection ``name``; return the config path.
 
-    Other connections and the default choice are left as they are; a missing file
-    starts from Flower's default content.
+    With ``root_certificates`` the connection uses TLS verified by them; without,
+    it is plain HTTP (``insecure = true``), which is meant only for a loopback
+    address such as the operator gateway's
+    (:mod:`flower_medimg.federation.control_plane`). Other connections and the
+    default choice are left as they are; a missing file starts from Flower's
+    default content.
     """
+    entry: dict[str, Any] = {"address": address}
+    if root_certificates is None:
+        entry["insecure"] = True
+    else:
+        entry["root-certificates"] = str(Path(root_certificates).resolve())
     config = _read(flwr_home)
-    config.setdefault("superlink", {})[name] = {
-        "address": address,
-        "root-certificates": str(Path(root_certificates).resolve()),
-    }
+    config.setdefault("superlink", {})[name] = entry
     return _write(flwr_home, config)
 
 

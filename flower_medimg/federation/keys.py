@@ -13,12 +13,13 @@ Both files use the OpenSSH formats Flower reads (the same as
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from flower_medimg.core.private_files import private_dir, write_private
 
 __all__ = ["NodeKeys", "write_node_keys"]
 
@@ -55,7 +56,7 @@ def write_node_keys(folder: str | Path, name: str) -> NodeKeys:
         The paths of the two files. The private key is readable by its owner only.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    private_dir(folder)
     key = ec.generate_private_key(ec.SECP384R1())
     private_pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -66,7 +67,6 @@ def write_node_keys(folder: str | Path, name: str) -> NodeKeys:
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
     keys = NodeKeys(folder / f"{name}.key", folder / f"{name}.pub")
-    keys.private_key.write_bytes(private_pem)
-    os.chmod(keys.private_key, 0o600)
+    write_private(keys.private_key, private_pem)
     keys.public_key.write_bytes(public_line + f" {name}\n".encode())
     return keys

@@ -6,9 +6,13 @@
 1. TLS: a certificate authority and a SuperLink certificate (``tls/``);
 2. one authentication key pair per site (``keys/``);
 3. synthetic site folders (``data/site-<k>/`` with ``dataset.json``);
-4. a SuperLink with TLS and SuperNode authentication (``--enable-supernode-auth``);
-5. a ``flwr`` connection for it in ``$FLWR_HOME/config.toml`` and the registration
-   of every site's public key (``flwr supernode register``);
+4. a SuperLink with TLS and SuperNode authentication (``--enable-supernode-auth``)
+   on a loopback port, behind the closed control plane
+   (:mod:`flower_medimg.federation.control_plane`): an nginx front on the address
+   hospitals reach, which forwards the Fleet API to everyone and the Control API only
+   to the operator's certificate, and an operator gateway that presents it;
+5. a ``flwr`` connection to the operator gateway in ``$FLWR_HOME/config.toml`` and
+   the registration of every site's public key (``flwr supernode register``);
 6. one SuperNode per site, each given its TLS root certificate, its private key and
    ``--node-config 'data-dir="..." state-dir="..."'``.
 
@@ -25,7 +29,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,12 @@ from flower_medimg.core.settings import resolve_settings
 from flower_medimg.data.datasets import synthetic_settings
 from flower_medimg.data.site_folder import write_synthetic_sites
 from flower_medimg.federation.certificates import TlsFiles, write_tls_files
+from flower_medimg.federation.control_plane import (
+    ProxyTls,
+    front_config,
+    gateway_config,
+    start_proxy,
+)
 from flower_medimg.federation.flwr_cli import (
     list_nodes,
     register_node,
@@ -44,7 +54,9 @@ from flower_medimg.federation.flwr_cli import (
     write_connection,
 )
 from flower_medimg.federation.keys import write_node_keys
-from flower_medimg.federation.processes import (
+from flower_medimg.site.approvals import approve as approve_app
+from flower_medimg.site.config import write_site_config
+from flower_medimg.site.processes import (
     ProcessRecord,
     free_port,
     is_running,
@@ -53,6 +65,7 @@ from flower_medimg.federation.processes import (
     tool,
     wait_for_port,
 )
+from flower_medimg.site.service import start_site, stop_site
 
 __all__ = [
     "STATE_FILE",
@@ -71,6 +84,8 @@ __all__ = [
 #: The file in the federation folder that describes it.
 STATE_FILE = "federation.json"
 HOST = "127.0.0.1"
+#: Where the SuperLink and the operator gateway listen: never another interface.
+LOOPBACK = "127.0.0.1"
 
 
 @dataclass
@@ -91,6 +106,8 @@ class Site:
         Port of its SuperNode's local Runtime API (ClientApp <-> SuperNode).
     node_id : int or None
         The node id the SuperLink gave its key at registration.
+    config : str or None
+        Its site configuration file (``flower-medimg site``), if it runs as a site.
     """
 
     name: str
@@ -100,6 +117,7 @@ class Site:
     public_key: str
     port: int
     node_id: int | None = None
+    config: str | None = None
 
 
 @dataclass
@@ -113,7 +131,8 @@ class Federation:
     connection : str
         Name of the ``flwr`` SuperLink connection (``flwr run . <connection>``).
     address : str
-        ``host:port`` of the SuperLink (Fleet, Control and Runtime APIs).
+        ``host:port`` hospitals reach: the front proxy, which serves them the
+        Fleet API only.
     flwr_home : str
         The ``FLWR_HOME`` whose ``config.toml`` holds the connection.
     tls : dict
@@ -122,6 +141,12 @@ class Federation:
         Task of the synthetic site data.
     sites : list of Site
         The sites.
+    superlink_address : str
+        The SuperLink's own loopback ``host:port`` (all its APIs; the front
+        proxies forward to it).
+    control_address : str
+        The operator gateway's loopback ``host:port``, where the ``flwr``
+        connection points (the Control API, with the operator certificate).
     processes : list of ProcessRecord
         Started processes, in start order.
     """
@@ -132,6 +157,8 @@ class Federation:
     flwr_home: str
     tls: dict[str, str]
     task: str
+    superlink_address: str = ""
+    control_address: str = ""
     sites: list[Site] = field(default_factory=list)
     processes: list[ProcessRecord] = field(default_factory=list)
 
@@ -239,7 +266,8 @@ def supernode_argv(
     return argv
 
 
-def _superlink_argv(tls: TlsFiles, port: int) -> list[str]:
+def _superlink_argv(tls: TlsFiles, address: str) -> list[str]:
+    host, port = address.rsplit(":", 1)
     return [
         tool("flower-superlink"),
         "--ssl-ca-certfile",
@@ -250,12 +278,52 @@ def _superlink_argv(tls: TlsFiles, port: int) -> list[str]:
         str(tls.server_key),
         "--enable-supernode-auth",
         "--host",
-        HOST,
+        host,
         "--port",
-        str(port),
+        port,
         "--isolation",
         "subprocess",
     ]
+
+
+def _start_control_plane(federation: Federation, tls: TlsFiles, timeout: float) -> None:
+    """Start the front proxy and the operator gateway; record both."""
+    folder = Path(federation.folder) / "control-plane"
+    env = runtime_env(Path(federation.folder) / "homes" / "proxy")
+    front_tls = ProxyTls(str(tls.ca_cert), str(tls.server_cert), str(tls.server_key))
+    front = start_proxy(
+        "proxy",
+        folder / "front",
+        front_config(
+            folder / "front",
+            federation.address,
+            federation.superlink_address,
+            front_tls,
+        ),
+        federation.address,
+        env,
+        timeout,
+    )
+    federation.processes.append(front)
+    federation.save()
+    gateway_tls = replace(
+        front_tls, cert=str(tls.operator_cert), key=str(tls.operator_key)
+    )
+    gateway = start_proxy(
+        "operator-gateway",
+        folder / "operator-gateway",
+        gateway_config(
+            folder / "operator-gateway",
+            federation.control_address,
+            federation.address,
+            gateway_tls,
+        ),
+        federation.control_address,
+        env,
+        timeout,
+    )
+    federation.processes.append(gateway)
+    federation.save()
 
 
 def _start(
@@ -291,8 +359,14 @@ def add_site(
     register: bool = True,
     start: bool = True,
     port: int | None = None,
+    runtime: str = "warm",
+    approve: Sequence[str | Path] = (),
 ) -> Site:
-    """Add a site: make its key pair, register it, start its SuperNode.
+    """Add a site: make its key pair, register it, start it.
+
+    The site is started as a hospital would (``flower-medimg site start``): its
+    configuration file ``sites/<name>.toml`` names the SuperLink, the CA
+    certificate, its key and folders.
 
     Parameters
     ----------
@@ -306,9 +380,15 @@ def add_site(
         Register the public key with the SuperLink (a SuperNode whose key is not
         registered is refused).
     start : bool, optional
-        Start the SuperNode.
+        Start the site (its SuperNode and runtime).
     port : int, optional
         Port of the SuperNode's Runtime API; a free one by default.
+    runtime : {"warm", "flower"}
+        The warm site runtime, or Flower's process per message.
+    approve : Sequence of str or Path
+        Apps the site approves before it starts (FAB files, app folders or
+        hashes, :func:`flower_medimg.site.approvals.approve`); the warm runtime
+        refuses every other app.
 
     Returns
     -------
@@ -326,6 +406,20 @@ def add_site(
         public_key=str(keys.public_key),
         port=port or free_port(HOST),
     )
+    config = write_site_config(
+        folder / "sites" / f"{name}.toml",
+        name=name,
+        superlink=federation.address,
+        root_certificates=federation.ca_cert,
+        auth_private_key=site.private_key,
+        data_dir=site.data_dir,
+        state_dir=site.state_dir,
+        runtime=runtime,
+        runtime_api_port=site.port,
+    )
+    site.config = str(config.path)
+    for target in approve:
+        approve_app(site.state_dir, target, note="federation up")
     if register:
         site.node_id = register_node(
             keys.public_key, federation.connection, Path(federation.flwr_home), name
@@ -333,7 +427,9 @@ def add_site(
     federation.sites.append(site)
     federation.save()
     if start:
-        start_supernode(federation, site)
+        for record in start_site(config):
+            federation.processes.append(replace(record, name=f"{record.name}-{name}"))
+        federation.save()
     return site
 
 
@@ -385,6 +481,8 @@ def up(
     flwr_home: str | Path | None = None,
     data_options: Mapping[str, Any] | None = None,
     timeout: float = 90.0,
+    runtime: str = "warm",
+    approve: Sequence[str | Path] = (),
 ) -> Federation:
     """Create and start a secure federation of ``num_sites`` sites on 127.0.0.1.
 
@@ -399,8 +497,9 @@ def up(
     connection : str
         Name of the ``flwr`` connection to write (``flwr run . <connection>``).
     ports : Sequence[int], optional
-        The SuperLink's port, then one Runtime API port per SuperNode; free ports
-        by default.
+        The port hospitals reach (the front proxy's), then one Runtime API port
+        per SuperNode; free ports by default. The SuperLink and the operator
+        gateway take free loopback ports.
     flwr_home : str or Path, optional
         ``FLWR_HOME`` whose ``config.toml`` gets the connection; Flower's default
         (``$FLWR_HOME`` or ``~/.flwr``) if not given.
@@ -412,6 +511,12 @@ def up(
         that simulation generates in memory.
     timeout : float
         Seconds to wait for the SuperLink to listen and the SuperNodes to connect.
+    runtime : {"warm", "flower"}
+        How the sites run their ClientApp messages: the warm site runtime
+        (:mod:`flower_medimg.site`) or Flower's fresh process per message.
+    approve : Sequence of str or Path
+        Apps every site approves (see :func:`add_site`), e.g. the project folder
+        that ``flwr run .`` submits.
 
     Returns
     -------
@@ -423,6 +528,8 @@ def up(
     RuntimeError
         If the folder already holds a running federation, or a process fails to
         start (whatever was started is stopped again; the logs stay).
+    FileNotFoundError
+        If nginx is not installed (the closed control plane needs it).
     """
     folder = Path(folder).expanduser().resolve()
     if (folder / STATE_FILE).exists():
@@ -444,6 +551,8 @@ def up(
         flwr_home=str(home),
         tls={k: str(v) for k, v in asdict(tls).items()},
         task=task,
+        superlink_address=f"{LOOPBACK}:{free_port(LOOPBACK)}",
+        control_address=f"{LOOPBACK}:{free_port(LOOPBACK)}",
     )
     federation.save()
     site_options = {
@@ -453,12 +562,24 @@ def up(
     data_dirs = write_synthetic_sites(folder / "data", task, num_sites, **site_options)
     try:
         superlink = _start(
-            federation, "superlink", _superlink_argv(tls, port_list[0]), cwd=os.getcwd()
+            federation,
+            "superlink",
+            _superlink_argv(tls, federation.superlink_address),
+            cwd=os.getcwd(),
         )
-        wait_for_port(HOST, port_list[0], timeout, superlink)
-        write_connection(connection, federation.address, tls.ca_cert, home)
+        host, port = federation.superlink_address.rsplit(":", 1)
+        wait_for_port(host, int(port), timeout, superlink)
+        _start_control_plane(federation, tls, timeout)
+        write_connection(connection, federation.control_address, None, home)
         for k, data_dir in enumerate(data_dirs):
-            add_site(federation, f"site-{k}", data_dir, port=port_list[k + 1])
+            add_site(
+                federation,
+                f"site-{k}",
+                data_dir,
+                port=port_list[k + 1],
+                runtime=runtime,
+                approve=approve,
+            )
         wait_for_nodes(
             federation, [s.node_id for s in federation.sites if s.node_id], timeout
         )
@@ -471,7 +592,8 @@ def up(
 def down(folder: str | Path = "federation", grace: float = 10.0) -> dict[str, str]:
     """Stop every process the federation in ``folder`` started.
 
-    SuperNodes go first, the SuperLink last; each gets SIGTERM, then SIGKILL after
+    Sites go first (:func:`flower_medimg.site.service.stop_site`: runtime, then
+    SuperNode), the SuperLink last; each process gets SIGTERM, then SIGKILL after
     ``grace`` seconds, and only if its PID still runs the recorded command line.
     The ``flwr`` connection is removed if it still points at this SuperLink. Files
     and logs stay in ``folder``.
@@ -480,14 +602,18 @@ def down(folder: str | Path = "federation", grace: float = 10.0) -> dict[str, st
     -------
     dict
         Process name -> what happened (see
-        :func:`flower_medimg.federation.processes.stop_process`).
+        :func:`flower_medimg.site.processes.stop_process`).
     """
     federation = Federation.load(folder)
     outcome = {}
+    for site in reversed(federation.sites):
+        if site.config is not None:
+            for name, what in stop_site(site.state_dir, grace).items():
+                outcome[f"{site.name}: {name}"] = what
     for record in reversed(federation.processes):
         outcome[f"{record.name} (pid {record.pid})"] = stop_process(record, grace)
     remove_connection(
-        federation.connection, federation.address, Path(federation.flwr_home)
+        federation.connection, federation.control_address, Path(federation.flwr_home)
     )
     return outcome
 
@@ -534,6 +660,8 @@ def status(folder: str | Path = "federation") -> dict[str, Any]:
         }
     return {
         "address": federation.address,
+        "superlink-address": federation.superlink_address,
+        "control-address": federation.control_address,
         "connection": federation.connection,
         "flwr-home": federation.flwr_home,
         "sites": sites,

@@ -24,15 +24,15 @@ run never wrote its ``run-end``: the ServerApp stopped, and the registry agrees)
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from flower_medimg.core.chain import GENESIS, canonical_json, jsonable, line_hash
 
 from .integrity import ServerKey, VerifyKey
 
@@ -44,33 +44,8 @@ __all__ = [
     "verify_audit_log",
 ]
 
-#: ``prev`` of the first line.
-GENESIS = "0" * 64
 #: The events that open and close a run's log.
 RUN_START, RUN_END = "run-start", "run-end"
-
-
-def _jsonable(value: Any) -> Any:
-    """Make ``value`` strict JSON (non-finite floats become strings)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _canonical(entry: dict[str, Any]) -> bytes:
-    return json.dumps(
-        entry, sort_keys=True, separators=(",", ":"), allow_nan=False
-    ).encode()
-
-
-def line_hash(entry: dict[str, Any]) -> str:
-    """Return the SHA-256 of an entry's canonical JSON without ``hash`` and ``sig``."""
-    body = {k: v for k, v in entry.items() if k not in ("hash", "sig")}
-    return hashlib.sha256(_canonical(body)).hexdigest()
 
 
 class AuditLog:
@@ -110,7 +85,7 @@ class AuditLog:
         A line that does not fit (a full disk) is cut off again, so the log stays
         verifiable, and the ``OSError`` is raised naming the file.
         """
-        entry = _jsonable(fields)
+        entry = jsonable(fields)
         entry.update(
             seq=self.seq,
             time=datetime.now(UTC).isoformat(),
@@ -119,7 +94,7 @@ class AuditLog:
         )
         entry["hash"] = line_hash(entry)
         entry["sig"] = self.key.sign(entry["hash"].encode())
-        line = _canonical(entry) + b"\n"
+        line = canonical_json(entry) + b"\n"
         handle = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             size = os.fstat(handle).st_size
@@ -179,7 +154,7 @@ def _line_problem(
         return f"not valid JSON ({err})", {}
     if not isinstance(entry, dict) or "hash" not in entry or "sig" not in entry:
         return "not a signed audit entry (no 'hash' or 'sig')", {}
-    if entry["hash"] != line_hash(entry) or raw.rstrip(b"\n") != _canonical(entry):
+    if entry["hash"] != line_hash(entry) or raw.rstrip(b"\n") != canonical_json(entry):
         return "content does not match its hash (the line was changed)", entry
     if entry.get("prev") != head:
         return (

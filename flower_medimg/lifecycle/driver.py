@@ -440,7 +440,9 @@ def run_lifecycle(
     num_rounds = settings["num-server-rounds"]
     timeout = settings["round-timeout"]
     experiment = experiment_key(settings)
-    result = Result()
+    # A run whose rounds all aggregate nothing still ends with a global model: the
+    # initial one (Flower's Result starts with an empty ArrayRecord).
+    result = Result(arrays=initial_arrays)
     arrays, last_round, decision = initial_arrays, 0, None
     resume = life.resume_point(experiment)
     if resume is not None:

@@ -1,4 +1,4 @@
-"""Start, find and stop the background processes of a local federation.
+"""Start, find and stop the background processes of a site or a local federation.
 
 Every process is started in its own session (so a Ctrl-C in the terminal that ran
 ``flower-medimg federation up`` does not reach it) with its output in a log file.
@@ -165,8 +165,11 @@ def _matches(record: ProcessRecord, cmdline: Sequence[str]) -> bool:
 
     A console script runs as ``python <script> args...``, so the recorded program
     may appear as the first or second word; the arguments must follow it exactly.
+    nginx rewrites its command line into one title that ends with it.
     """
     program, args = record.argv[0], record.argv[1:]
+    if len(cmdline) == 1 and cmdline[0].endswith(" " + " ".join(record.argv)):
+        return True  # a title set by the program: "nginx: master process <argv>"
     for start in (0, 1):
         if len(cmdline) < start + 1 + len(args):
             continue
