@@ -80,16 +80,18 @@ def test_a_lying_evaluate_reply_sets_neither_the_score_nor_the_stop(tmp_path):
 
 
 def _costs_only_itself(aggregated, bad):
-    """The bad site is out of round 1, every round aggregates, all are back by 3.
+    """The bad site is out of round 1, every round aggregates, every site is back.
 
     Flower's Ray backend shares a pool of actors among the sites: a message that
-    Flower hands to the dying actor while Ray restarts it fails too, so an honest
-    site may miss the round its neighbour dies in or the next; from then on every
-    site's reply arrives.
+    Flower hands to the dying actor while Ray restarts it fails too, so any site may
+    miss a round while the actor comes back (how many depends on the machine's
+    load); every later round still aggregates, and every site, the bad one
+    included, has a reply accepted after round 1.
     """
     assert bad not in aggregated[1]
-    assert all(aggregated[r] for r in (1, 2, 3)), aggregated
-    assert aggregated[3] == [0, 1, 2], aggregated
+    assert all(aggregated[r] for r in sorted(aggregated)), aggregated
+    later = set().union(*(aggregated[r] for r in sorted(aggregated) if r > 1))
+    assert later == {0, 1, 2}, aggregated
 
 
 @pytest.mark.slow
