@@ -11,13 +11,15 @@
    (c) the same with the warm site runtime (`federation up`, the default).
    All runs use the same run config and the same synthetic sites (the site folders
    hold exactly the sites simulation generates in memory). Per message, the
-   ClientApp reports `startup-s` (message in hand -> its work starts); the warm
-   runtime records each message process's peak memory.
+   ClientApp reports `startup-s` (message in hand -> its work starts) and the peak
+   memory of the process that ran it (`peak-rss-mib`, both deployment modes); the
+   warm runtime also records it per site.
 2. Bytes a site sends and receives per FedAvg round for three networks, counted on
    the serialized Flower records (what the Fleet API moves).
 
 Usage: python sim/deployment_vs_simulation.py [--rounds 3] [--sites 3]
        [--image-size 32] [--samples-per-site 16] [--channels 8,16,32]
+       [--skip-bytes] [--skip-flower-processes]
 """
 
 from __future__ import annotations
@@ -149,6 +151,17 @@ def _startups(out: Path) -> list[float]:
     ]
 
 
+def _message_memory(out: Path) -> list[float]:
+    """`peak-rss-mib` of every train and evaluate reply (the process that ran it)."""
+    return [
+        client["peak-rss-mib"]
+        for entry in _summary(out)["rounds"]
+        for phase in ("clients-train", "clients-evaluate")
+        for client in entry[phase]
+        if "peak-rss-mib" in client
+    ]
+
+
 def _site_memory(folder: Path) -> dict[str, float]:
     """Per site: the largest peak RSS (MiB) of a warm runtime's message process."""
     peaks = {}
@@ -190,6 +203,7 @@ def deployment(tmp: Path, run_config: dict, sites: int, runtime: str) -> dict:
         "run": run_s,
         "rounds": _round_times(out),
         "startup": _startups(out),
+        "message-memory": _message_memory(out),
         "memory": _site_memory(folder),
     }
 
@@ -274,6 +288,11 @@ def main() -> None:
     )
     parser.add_argument("--channels", default=TINY["model.channels"])
     parser.add_argument("--skip-bytes", action="store_true")
+    parser.add_argument(
+        "--skip-flower-processes",
+        action="store_true",
+        help="leave out deployment with Flower's per-message processes (heavy rounds)",
+    )
     args = parser.parse_args()
     setup = {
         **TINY,
@@ -301,14 +320,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="medimg-dep-vs-sim-") as tmp:
         tmp_path = Path(tmp)
         sim = simulation(tmp_path, run_config, args.sites)
-        stock = deployment(tmp_path, run_config, args.sites, "flower")
+        stock = (
+            None
+            if args.skip_flower_processes
+            else deployment(tmp_path, run_config, args.sites, "flower")
+        )
         warm = deployment(tmp_path, run_config, args.sites, "warm")
     print(f"load after: {os.getloadavg()[0]:.2f} (1-min average)")
-    for label, res in (
-        ("simulation (Ray)", sim),
-        ("deployment, Flower processes", stock),
-        ("deployment, warm site runtime", warm),
-    ):
+    results = {
+        "simulation (Ray)": sim,
+        "deployment, Flower processes": stock,
+        "deployment, warm site runtime": warm,
+    }
+    for label, res in results.items():
+        if res is None:
+            continue
         rounds = ", ".join(f"{s:.1f}" for s in res["rounds"])
         line = (
             f"{label:31s} flwr run: {res['run']:7.1f} s   "
@@ -318,8 +344,16 @@ def main() -> None:
             line += f"   start-up median {statistics.median(res['startup']):.2f} s"
         print(line)
     for label, res in (("Flower processes", stock), ("warm site runtime", warm)):
+        if res is None:
+            continue
         ratio = sum(res["rounds"]) / sum(sim["rounds"])
         print(f"ratio {label} / simulation: rounds {ratio:.2f}x")
+        peaks = res["message-memory"]
+        print(
+            f"peak RSS of a message process, {label}: median "
+            f"{statistics.median(peaks):.0f} MiB, max {max(peaks):.0f} MiB "
+            f"({len(peaks)} replies)"
+        )
     memory = ", ".join(f"{k} {v:.0f} MiB" for k, v in warm["memory"].items())
     print(f"peak RSS of a warm message process per site: {memory}")
     print(

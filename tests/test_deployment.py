@@ -305,6 +305,9 @@ def test_site_runtime_runs_messages_warm_and_survives_a_crash(federation, tmp_pa
     # start-up per message, as the ClientApp measured it, is reported
     startups = [c["startup-s"] for r in summary["rounds"] for c in r["clients-train"]]
     assert all(0 <= s < 60 for s in startups)
+    # so is the peak memory of the process that ran it (torch alone is > 100 MiB)
+    replies = [c for r in summary["rounds"] for c in r["clients-evaluate"]]
+    assert replies and all(c["peak-rss-mib"] > 100 for c in replies)
 
 
 def test_stopping_a_site_stops_every_process_it_started(federation, tmp_path):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
 import time
 from collections.abc import Callable, Iterable, Iterator
 from logging import INFO
@@ -318,6 +319,7 @@ def _train(msg: Message, context: Context, settings: Settings) -> Message:
     if attack in ARRAY_ATTACKS:
         arrays = _attacked(attack, msg.content[protocol.RECORD_ARRAYS], arrays, seed)
     values[protocol.METRIC_TRAIN_TIME] = time.perf_counter() - started
+    values.update(_peak_memory(context))
     log(INFO, "%s: reply: train metrics %s", name, sorted(values))
     return Message(
         RecordDict(
@@ -359,6 +361,14 @@ def _startup(context: Context) -> dict[str, float]:
     return {} if seconds is None else {protocol.METRIC_STARTUP_TIME: seconds}
 
 
+def _peak_memory(context: Context) -> dict[str, float]:
+    """``peak-rss-mib`` in deployment: this message process's peak resident memory."""
+    if protocol.NODE_PARTITION_ID in context.node_config:
+        return {}  # simulation: one Ray actor serves many sites
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {protocol.METRIC_PEAK_MEMORY: peak_kib / 1024}
+
+
 def _evaluate(msg: Message, context: Context, settings: Settings) -> Message:
     started = time.perf_counter()
     task = get_task(settings["task"])
@@ -377,6 +387,7 @@ def _evaluate(msg: Message, context: Context, settings: Settings) -> Message:
             protocol.METRIC_UNIT_WEIGHT: 1,
             **values,
             **startup,
+            **_peak_memory(context),
             protocol.METRIC_EVAL_TIME: time.perf_counter() - started,
         }
     )

@@ -30,6 +30,7 @@ __all__ = [
     "METRIC_NUM_EXAMPLES",
     "METRIC_NUM_TRAIN",
     "METRIC_PARTITION_ID",
+    "METRIC_PEAK_MEMORY",
     "METRIC_RANGES",
     "METRIC_SHARED_FRACTION",
     "METRIC_STARTUP_TIME",
@@ -114,6 +115,9 @@ METRIC_EVAL_TIME = "eval-time-s"
 #: ClientApp's work (imports, app loading, data, model; see
 #: :mod:`flower_medimg.core.startup`).
 METRIC_STARTUP_TIME = "startup-s"
+#: Deployment only: the peak resident memory (MiB) of the process that ran the
+#: message (Flower's fresh process or the warm runtime's forked child alike).
+METRIC_PEAK_MEMORY = "peak-rss-mib"
 #: Simulation only: which synthetic site answered (recorded per site, never averaged).
 METRIC_PARTITION_ID = "partition-id"
 #: Statistics reply: the size of the site's training set, the most ``num-examples``
@@ -133,6 +137,7 @@ SITE_BOOKKEEPING_METRICS = (
     METRIC_TRAIN_TIME,
     METRIC_EVAL_TIME,
     METRIC_STARTUP_TIME,
+    METRIC_PEAK_MEMORY,
     METRIC_PARTITION_ID,
 )
 
