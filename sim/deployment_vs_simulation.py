@@ -136,6 +136,18 @@ def _summary(out: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def _check_every_site_replied(out: Path, sites: int) -> None:
+    """Refuse to time a run in which a site did not train and evaluate every round."""
+    for entry in _summary(out)["rounds"]:
+        for phase in ("clients-train", "clients-evaluate"):
+            if len(entry[phase]) != sites:
+                raise RuntimeError(
+                    f"{out}: {phase} of a round has {len(entry[phase])} replies, not "
+                    f"{sites}: the timing would not be of the experiment (see the "
+                    "sites' state/*/site-runtime/messages.jsonl)"
+                )
+
+
 def _round_times(out: Path) -> list[float]:
     return [r["wall-time-s"] for r in _summary(out)["rounds"]]
 
@@ -189,6 +201,7 @@ def deployment(tmp: Path, run_config: dict, sites: int, runtime: str) -> dict:
                 "samples_per_site": run_config["data.samples-per-site"],
             },
             runtime=runtime,
+            approve=[ROOT],
         )
         up_s = time.perf_counter() - started
         env = {**os.environ, "FLWR_HOME": str(home)}
@@ -196,6 +209,7 @@ def deployment(tmp: Path, run_config: dict, sites: int, runtime: str) -> dict:
         run_s = _flwr_run(
             [fed.connection, "--stream", "--run-config", _overrides(config)], env
         )
+        _check_every_site_replied(out, sites)
     finally:
         down(folder, grace=5)
     return {
@@ -253,6 +267,7 @@ def simulation(tmp: Path, run_config: dict, sites: int) -> dict:
         )
     finally:
         _stop_local_superlink(home)
+    _check_every_site_replied(out, sites)
     return {"run": run_s, "rounds": _round_times(out)}
 
 
