@@ -114,7 +114,8 @@ def _overrides(values: dict) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
-def _flwr_run(args: list[str], env: dict) -> float:
+def _flwr_run(args: list[str], env: dict) -> tuple[float, str]:
+    """Run `flwr run .` with ``args``; return its wall time and its output."""
     started = time.perf_counter()
     proc = subprocess.run(
         [FLWR, "run", ".", *args],
@@ -128,7 +129,7 @@ def _flwr_run(args: list[str], env: dict) -> float:
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError((proc.stdout + proc.stderr)[-4000:])
-    return elapsed
+    return elapsed, proc.stdout + proc.stderr
 
 
 def _summary(out: Path) -> dict:
@@ -136,7 +137,7 @@ def _summary(out: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def _check_every_site_replied(out: Path, sites: int) -> None:
+def _check_every_site_replied(out: Path, sites: int, output: str) -> None:
     """Refuse to time a run in which a site did not train and evaluate every round."""
     for entry in _summary(out)["rounds"]:
         for phase in ("clients-train", "clients-evaluate"):
@@ -144,7 +145,8 @@ def _check_every_site_replied(out: Path, sites: int) -> None:
                 raise RuntimeError(
                     f"{out}: {phase} of a round has {len(entry[phase])} replies, not "
                     f"{sites}: the timing would not be of the experiment (see the "
-                    "sites' state/*/site-runtime/messages.jsonl)"
+                    "sites' state/*/site-runtime/messages.jsonl); the run's output "
+                    f"ended:\n{output[-6000:]}"
                 )
 
 
@@ -206,10 +208,10 @@ def deployment(tmp: Path, run_config: dict, sites: int, runtime: str) -> dict:
         up_s = time.perf_counter() - started
         env = {**os.environ, "FLWR_HOME": str(home)}
         config = {**run_config, "output-dir": str(out)}
-        run_s = _flwr_run(
+        run_s, output = _flwr_run(
             [fed.connection, "--stream", "--run-config", _overrides(config)], env
         )
-        _check_every_site_replied(out, sites)
+        _check_every_site_replied(out, sites, output)
     finally:
         down(folder, grace=5)
     return {
@@ -255,7 +257,7 @@ def simulation(tmp: Path, run_config: dict, sites: int) -> dict:
     }
     config = {**run_config, "output-dir": str(out)}
     try:
-        run_s = _flwr_run(
+        run_s, output = _flwr_run(
             [
                 "--stream",
                 "--run-config",
@@ -267,7 +269,7 @@ def simulation(tmp: Path, run_config: dict, sites: int) -> dict:
         )
     finally:
         _stop_local_superlink(home)
-    _check_every_site_replied(out, sites)
+    _check_every_site_replied(out, sites, output)
     return {"run": run_s, "rounds": _round_times(out)}
 
 
