@@ -138,12 +138,24 @@ def _summary(out: Path) -> dict:
 
 
 def _check_every_site_replied(out: Path, sites: int, output: str) -> None:
-    """Refuse to time a run in which a site did not train and evaluate every round."""
+    """Refuse to time a run in which a site did not train and evaluate every round.
+
+    A train reply counts when it arrived, whether or not the reply screening
+    aggregated it (the site did the work): the audit log's ``reply`` lines.
+    """
+    (run_dir,) = out.iterdir()
+    audit = [json.loads(line) for line in (run_dir / "audit.jsonl").open()]
     for entry in _summary(out)["rounds"]:
-        for phase in ("clients-train", "clients-evaluate"):
-            if len(entry[phase]) != sites:
+        replies = {
+            "train": sum(
+                e["event"] == "reply" and e["round"] == entry["round"] for e in audit
+            ),
+            "evaluate": len(entry["clients-evaluate"]),
+        }
+        for phase, count in replies.items():
+            if count != sites:
                 raise RuntimeError(
-                    f"{out}: {phase} of a round has {len(entry[phase])} replies, not "
+                    f"{out}: round {entry['round']} has {count} {phase} replies, not "
                     f"{sites}: the timing would not be of the experiment (see the "
                     "sites' state/*/site-runtime/messages.jsonl); the run's output "
                     f"ended:\n{output[-6000:]}"
