@@ -19,7 +19,7 @@
 
 Usage: python sim/deployment_vs_simulation.py [--rounds 3] [--sites 3]
        [--image-size 32] [--samples-per-site 16] [--channels 8,16,32]
-       [--skip-bytes] [--skip-flower-processes]
+       [--local-epochs 1] [--skip-bytes] [--skip-flower-processes]
 """
 
 from __future__ import annotations
@@ -316,6 +316,7 @@ def main() -> None:
         "--samples-per-site", type=int, default=TINY["data.samples-per-site"]
     )
     parser.add_argument("--channels", default=TINY["model.channels"])
+    parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--skip-bytes", action="store_true")
     parser.add_argument(
         "--skip-flower-processes",
@@ -328,6 +329,7 @@ def main() -> None:
         "data.image-size": args.image_size,
         "data.samples-per-site": args.samples_per_site,
         "model.channels": args.channels,
+        "train.local-epochs": args.local_epochs,
     }
 
     if not args.skip_bytes:
