@@ -39,6 +39,7 @@ from flower_medimg.federation.flwr_cli import list_nodes, write_connection
 from flower_medimg.federation.keys import write_node_keys
 from flower_medimg.federation.launcher import start_supernode
 from flower_medimg.lifecycle.outputs import load_global_model
+from flower_medimg.site.config import load_site_config
 from flower_medimg.site.processes import command_line, is_running
 from flower_medimg.site.runtime import MESSAGES_LOG, RUNTIME_FOLDER, read_runtime_state
 from flower_medimg.site.service import site_processes, stop_site
@@ -308,6 +309,15 @@ def test_site_runtime_runs_messages_warm_and_survives_a_crash(federation, tmp_pa
     # so is the peak memory of the process that ran it (torch alone is > 100 MiB)
     replies = [c for r in summary["rounds"] for c in r["clients-evaluate"]]
     assert replies and all(c["peak-rss-mib"] > 100 for c in replies)
+
+
+def test_the_sites_split_this_machines_cores(federation):
+    """Three sites on one machine: each site's message processes get their share."""
+    share = max(1, (os.cpu_count() or 1) // 3)
+    for site in federation.sites[:3]:
+        assert load_site_config(site.config).threads == share
+        runtime = federation.process(f"site-runtime-{site.name}").argv
+        assert runtime[runtime.index("--threads") + 1] == str(share)
 
 
 def test_stopping_a_site_stops_every_process_it_started(federation, tmp_path):

@@ -311,7 +311,9 @@ def test_cli_prints_a_gateway_config_nginx_accepts(tmp_path, capsys):
     assert main(args) == 0
     config = capsys.readouterr().out
     assert str(tmp_path / "tls" / "operator.crt") in config
-    assert "proxy_pass https://127.0.0.1:8000;" in config
+    upstream = config[config.index("upstream ") :]
+    assert "server 127.0.0.1:8000;" in upstream and "keepalive" in upstream
+    assert 'proxy_set_header Connection "";' in config  # keep-alive to it
     assert "proxy_ssl_name superlink.example.org;" in config
     (tmp_path / "gw" / "tmp").mkdir(parents=True)
     conf = tmp_path / "gw.conf"

@@ -124,6 +124,15 @@ def test_site_config_errors_name_the_key(tmp_path, values, message):
     assert "site.toml" in str(caught.value)
 
 
+def test_threads_reach_flowers_own_message_processes_too(tmp_path, monkeypatch):
+    from flower_medimg.site.service import _env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = _env(_config(tmp_path, runtime="flower", threads=1))
+    assert env["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in _env(_config(tmp_path, runtime="flower"))
+
+
 def test_site_config_refuses_data_dir_in_node_config(tmp_path):
     path = tmp_path / "site.toml"
     path.write_text(

@@ -74,6 +74,13 @@ def add_federation_parser(subparsers: argparse._SubParsersAction) -> None:
         "runtime (default); flower: a fresh flwr-clientapp process per message",
     )
     start.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per site message (default: the machine's cores "
+        "split among the sites)",
+    )
+    start.add_argument(
         "--approve",
         action="append",
         default=None,
@@ -170,6 +177,7 @@ def run_federation(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             runtime=args.runtime,
             approve=args.approve if args.approve is not None else ["."],
+            threads=args.threads,
         )
         print(f"Federation up in {federation.folder}")
         print(f"  hospitals reach {federation.address} (Fleet API only)")

@@ -48,6 +48,8 @@ __all__ = [
 
 FLEET_PREFIX = "/v1/fleet/"
 CONTROL_PREFIX = "/v1/control/"
+#: nginx name of the one server a proxy forwards to.
+UPSTREAM = "medimg_upstream"
 
 _NGINX_CANDIDATES = ("nginx", "/usr/sbin/nginx", "/usr/local/sbin/nginx")
 
@@ -91,8 +93,14 @@ def find_nginx() -> str:
     )
 
 
-def _http_block(folder: Path, name: str, servers: str) -> str:
-    """Wrap ``servers`` in the nginx configuration every proxy here shares."""
+def _http_block(folder: Path, name: str, upstream: str, servers: str) -> str:
+    """Wrap ``servers`` in the nginx configuration every proxy here shares.
+
+    The proxy keeps its TLS connections to ``upstream`` (``host:port``) open
+    between requests: Flower moves every array of a model as its own request
+    (hundreds per message), and a TLS handshake for each would cost more than
+    the request.
+    """
     tmp = folder / "tmp"
     temp_paths = "\n".join(
         f"    {kind}_temp_path {tmp / kind};"
@@ -120,15 +128,21 @@ http {{
     proxy_buffering off;
     proxy_read_timeout 3600s;
     proxy_send_timeout 3600s;
+    upstream {UPSTREAM} {{
+        server {upstream};
+        keepalive 32;
+    }}
 {servers}
 }}
 """
 
 
-def _upstream(address: str, tls: ProxyTls) -> str:
-    """Directives that forward to ``address`` over verified TLS."""
-    return f"""            proxy_pass https://{address};
+def _upstream(tls: ProxyTls) -> str:
+    """Directives that forward to the upstream over verified, kept-alive TLS."""
+    return f"""            proxy_pass https://{UPSTREAM};
             proxy_set_header Host $http_host;
+            proxy_set_header Connection "";
+            proxy_ssl_session_reuse on;
             proxy_ssl_trusted_certificate {tls.ca_cert};
             proxy_ssl_verify on;
             proxy_ssl_name {tls.server_name};
@@ -159,19 +173,19 @@ def front_config(folder: str | Path, listen: str, superlink: str, tls: ProxyTls)
         ssl_client_certificate {tls.ca_cert};
         ssl_verify_client optional;
         location {FLEET_PREFIX} {{
-{_upstream(superlink, tls)}
+{_upstream(tls)}
         }}
         location {CONTROL_PREFIX} {{
             if ($ssl_client_verify != SUCCESS) {{
                 return 403 "The Control API needs the operator certificate.\\n";
             }}
-{_upstream(superlink, tls)}
+{_upstream(tls)}
         }}
         location / {{
             return 403 "Only the Fleet API is served here.\\n";
         }}
     }}"""
-    return _http_block(folder, "front", servers)
+    return _http_block(folder, "front", superlink, servers)
 
 
 def gateway_config(folder: str | Path, listen: str, front: str, tls: ProxyTls) -> str:
@@ -190,11 +204,10 @@ def gateway_config(folder: str | Path, listen: str, front: str, tls: ProxyTls) -
         The CA and the operator's certificate and key.
     """
     folder = Path(folder)
-    upstream = _upstream(front, tls)
     servers = f"""    server {{
         listen {listen};
         location {CONTROL_PREFIX} {{
-{upstream}
+{_upstream(tls)}
             proxy_ssl_certificate {tls.cert};
             proxy_ssl_certificate_key {tls.key};
         }}
@@ -202,7 +215,7 @@ def gateway_config(folder: str | Path, listen: str, front: str, tls: ProxyTls) -
             return 403 "The operator gateway forwards the Control API only.\\n";
         }}
     }}"""
-    return _http_block(folder, "operator gateway", servers)
+    return _http_block(folder, "operator gateway", front, servers)
 
 
 def start_proxy(

@@ -361,6 +361,7 @@ def add_site(
     port: int | None = None,
     runtime: str = "warm",
     approve: Sequence[str | Path] = (),
+    threads: int = 0,
 ) -> Site:
     """Add a site: make its key pair, register it, start it.
 
@@ -389,6 +390,9 @@ def add_site(
         Apps the site approves before it starts (FAB files, app folders or
         hashes, :func:`flower_medimg.site.approvals.approve`); the warm runtime
         refuses every other app.
+    threads : int, optional
+        Torch threads of each of its message processes (``threads`` in the site
+        file; 0: all cores).
 
     Returns
     -------
@@ -416,6 +420,7 @@ def add_site(
         state_dir=site.state_dir,
         runtime=runtime,
         runtime_api_port=site.port,
+        threads=threads,
     )
     site.config = str(config.path)
     for target in approve:
@@ -483,6 +488,7 @@ def up(
     timeout: float = 90.0,
     runtime: str = "warm",
     approve: Sequence[str | Path] = (),
+    threads: int | None = None,
 ) -> Federation:
     """Create and start a secure federation of ``num_sites`` sites on 127.0.0.1.
 
@@ -517,6 +523,11 @@ def up(
     approve : Sequence of str or Path
         Apps every site approves (see :func:`add_site`), e.g. the project folder
         that ``flwr run .`` submits.
+    threads : int, optional
+        Torch threads per site message. By default the sites split this
+        machine's cores (``cpu_count // num_sites``, at least 1): three sites
+        that each start a thread per core would run three times as many threads
+        as cores, and torch's spinning threads then slow every site down.
 
     Returns
     -------
@@ -579,6 +590,7 @@ def up(
                 port=port_list[k + 1],
                 runtime=runtime,
                 approve=approve,
+                threads=threads or max(1, (os.cpu_count() or 1) // num_sites),
             )
         wait_for_nodes(
             federation, [s.node_id for s in federation.sites if s.node_id], timeout

@@ -115,6 +115,8 @@ def _env(config: SiteConfig) -> dict[str, str]:
     env["FLWR_HOME"] = str(config.state_dir / "flwr-home")
     env[FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION] = "1"
     env.setdefault(FLWR_DISABLE_UPDATE_CHECK, "1")
+    if config.threads:  # Flower's per-message processes read it as torch does
+        env["OMP_NUM_THREADS"] = str(config.threads)
     return env
 
 
