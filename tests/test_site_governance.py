@@ -28,7 +28,12 @@ from flower_medimg.site.approvals import (
     revoke,
 )
 from flower_medimg.site.audit import SITE_AUDIT_LOG, verify_chain
-from flower_medimg.site.ledger import LEDGER_FILE, PrivacyLedger
+from flower_medimg.site.ledger import (
+    LEDGER_FILE,
+    LedgerCharge,
+    PrivacyLedger,
+    compose_epsilon,
+)
 from flower_medimg.site.policy import PolicyError, load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -356,6 +361,34 @@ def test_the_ledger_composes_dp_sgd_across_runs_by_one_accountant(tmp_path, site
     with pytest.raises(AdmissionError, match="max-total-epsilon"):
         admission.check(message, context, _run(3), fab)
     assert len(ledger.charges()) == 2  # the refused round is not charged
+
+
+def test_composing_the_ledger_equals_the_accountant_on_the_whole_history():
+    """One-step RDP per distinct (σ, q), weighted by steps: the accountant's ε."""
+    from opacus.accountants import RDPAccountant
+
+    rounds = [(1.0, 0.1, 5), (1.0, 0.1, 7), (2.0, 0.5, 3), (1.0, 0.1, 2)]
+    rounds.append((0.8, 0.02, 40))
+    charges = [
+        LedgerCharge(
+            "dp-sgd",
+            "s",
+            run_id=r % 2,
+            server_round=r,
+            noise_multiplier=n,
+            sample_rate=q,
+            steps=t,
+        )
+        for r, (n, q, t) in enumerate(rounds)
+    ]
+    accountant = RDPAccountant()
+    accountant.history = list(rounds)
+    expected = accountant.get_epsilon(1e-5)
+    assert compose_epsilon(charges, 1e-5) == pytest.approx(expected, rel=1e-12)
+    svt = LedgerCharge("svt", "s", run_id=3, server_round=1, epsilon=0.75)
+    assert compose_epsilon([*charges, svt], 1e-5) == pytest.approx(expected + 0.75)
+    # twice the rounds is not twice the ε (RDP composes before the conversion)
+    assert compose_epsilon(charges * 2, 1e-5) < 2 * expected
 
 
 def test_max_epsilon_per_run_counts_only_that_run(tmp_path, site_dir):
