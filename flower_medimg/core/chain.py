@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["GENESIS", "canonical_json", "jsonable", "line_hash"]
+__all__ = ["GENESIS", "canonical_json", "chained_entry", "jsonable", "line_hash"]
 
 #: ``prev`` of the first line.
 GENESIS = "0" * 64
@@ -43,3 +44,17 @@ def line_hash(entry: dict[str, Any]) -> str:
     """Return the SHA-256 of an entry's canonical JSON without ``hash`` and ``sig``."""
     body = {k: v for k, v in entry.items() if k not in ("hash", "sig")}
     return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def chained_entry(
+    event: str, fields: dict[str, Any], seq: int, prev: str
+) -> dict[str, Any]:
+    """Return the next line of a chain, ``hash`` included.
+
+    ``fields`` (made strict JSON) plus ``seq``, ``time`` (UTC, ISO 8601), ``event``
+    and ``prev``, the hash of the chain's current head.
+    """
+    entry = jsonable(fields)
+    entry.update(seq=seq, time=datetime.now(UTC).isoformat(), event=event, prev=prev)
+    entry["hash"] = line_hash(entry)
+    return entry

@@ -28,11 +28,10 @@ import json
 import os
 import sqlite3
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flower_medimg.core.chain import GENESIS, canonical_json, jsonable, line_hash
+from flower_medimg.core.chain import GENESIS, canonical_json, chained_entry, line_hash
 
 from .integrity import ServerKey, VerifyKey
 
@@ -85,14 +84,7 @@ class AuditLog:
         A line that does not fit (a full disk) is cut off again, so the log stays
         verifiable, and the ``OSError`` is raised naming the file.
         """
-        entry = jsonable(fields)
-        entry.update(
-            seq=self.seq,
-            time=datetime.now(UTC).isoformat(),
-            event=event,
-            prev=self.head,
-        )
-        entry["hash"] = line_hash(entry)
+        entry = chained_entry(event, fields, self.seq, self.head)
         entry["sig"] = self.key.sign(entry["hash"].encode())
         line = canonical_json(entry) + b"\n"
         handle = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

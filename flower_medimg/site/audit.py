@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flower_medimg.core.chain import GENESIS, canonical_json, jsonable, line_hash
+from flower_medimg.core.chain import GENESIS, canonical_json, chained_entry, line_hash
 
 __all__ = ["SITE_AUDIT_LOG", "ChainedLog", "site_audit_log", "verify_chain"]
 
@@ -85,14 +84,7 @@ class ChainedLog:
 
     def append(self, event: str, **fields: Any) -> str:
         """Append one event; return its hash (the new head of the chain)."""
-        entry = jsonable(fields)
-        entry.update(
-            seq=self.seq,
-            time=datetime.now(UTC).isoformat(),
-            event=event,
-            prev=self.head,
-        )
-        entry["hash"] = line_hash(entry)
+        entry = chained_entry(event, fields, self.seq, self.head)
         handle = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(handle, canonical_json(entry) + b"\n")
