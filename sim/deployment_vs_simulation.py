@@ -166,25 +166,18 @@ def _round_times(out: Path) -> list[float]:
     return [r["wall-time-s"] for r in _summary(out)["rounds"]]
 
 
-def _startups(out: Path) -> list[float]:
-    """`startup-s` of every train and evaluate reply of the run."""
+def _reply_values(out: Path, key: str) -> list[float]:
+    """``key`` of every train and evaluate reply of the run that reports it.
+
+    ``startup-s``: message in hand -> work starts; ``peak-rss-mib``: the peak memory
+    of the process that ran the message.
+    """
     return [
-        client["startup-s"]
+        client[key]
         for entry in _summary(out)["rounds"]
         for phase in ("clients-train", "clients-evaluate")
         for client in entry[phase]
-        if "startup-s" in client
-    ]
-
-
-def _message_memory(out: Path) -> list[float]:
-    """`peak-rss-mib` of every train and evaluate reply (the process that ran it)."""
-    return [
-        client["peak-rss-mib"]
-        for entry in _summary(out)["rounds"]
-        for phase in ("clients-train", "clients-evaluate")
-        for client in entry[phase]
-        if "peak-rss-mib" in client
+        if key in client
     ]
 
 
@@ -230,8 +223,8 @@ def deployment(tmp: Path, run_config: dict, sites: int, runtime: str) -> dict:
         "up": up_s,
         "run": run_s,
         "rounds": _round_times(out),
-        "startup": _startups(out),
-        "message-memory": _message_memory(out),
+        "startup": _reply_values(out, "startup-s"),
+        "message-memory": _reply_values(out, "peak-rss-mib"),
         "memory": _site_memory(folder),
     }
 
