@@ -8,6 +8,7 @@ for the whole module and always brought down again by PID. Runs are submitted wi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -101,6 +102,42 @@ def _flwr_run(fed: Federation, run_config: dict, timeout: float = 420) -> str:
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     return log
+
+
+@contextlib.contextmanager
+def _flwr_run_in_background(fed: Federation, run_config: dict):
+    """Start `flwr run --stream`; yield it and its output lines as they arrive.
+
+    On leaving, a run still going is killed and the reader of its output joined.
+    """
+    proc = subprocess.Popen(
+        _flwr_run_command(fed, run_config),
+        cwd=ROOT,
+        env=_env(fed),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        yield proc, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(10)
+
+
+def _wait_for_line(proc, lines: list[str], text: str, timeout: float) -> bool:
+    """Wait until a line of the run's output holds ``text``; False if it never does."""
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in lines):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            return any(text in line for line in lines)
+        time.sleep(0.05)
+    return True
 
 
 UNAPPROVED_APP = {
@@ -259,19 +296,8 @@ def test_site_runtime_runs_messages_warm_and_survives_a_crash(federation, tmp_pa
     before = len(_messages(site))  # the module's earlier runs
     out = tmp_path / "out"
     run_config = {**TINY, "num-server-rounds": 2, "output-dir": str(out)}
-    proc = subprocess.Popen(
-        _flwr_run_command(fed, run_config),
-        cwd=ROOT,
-        env=_env(fed),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
     killed: list[int] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
+    with _flwr_run_in_background(fed, run_config) as (proc, lines):
         deadline = time.monotonic() + 240
         while not killed and time.monotonic() < deadline and proc.poll() is None:
             if any("[ROUND 1/2]" in line for line in lines):
@@ -281,11 +307,6 @@ def test_site_runtime_runs_messages_warm_and_survives_a_crash(federation, tmp_pa
                     break
             time.sleep(0.02)
         returncode = proc.wait(timeout=420)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    reader.join(10)
     log = "".join(lines)
     assert killed, log[-3000:]
     assert returncode == 0, log[-4000:]
@@ -615,36 +636,12 @@ def test_site_killed_mid_run(federation, tmp_path):
         "strategy.min-evaluate-nodes": 2,
         "output-dir": str(out),
     }
-    proc = subprocess.Popen(
-        _flwr_run_command(fed, run_config),
-        cwd=ROOT,
-        env=_env(fed),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    round2 = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if "[ROUND 2/3]" in line:
-                round2.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        assert round2.wait(300), "".join(lines)[-3000:]
+    with _flwr_run_in_background(fed, run_config) as (proc, lines):
+        assert _wait_for_line(proc, lines, "[ROUND 2/3]", 300), "".join(lines)[-3000:]
         assert is_running(victim_proc)
         os.kill(victim_proc.pid, signal.SIGKILL)
         assert _wait_exit(victim_proc, 10)
         returncode = proc.wait(timeout=480)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    reader.join(10)
     log = "".join(lines)
     (tmp_path / "flwr-run.log").write_text(log)
     assert returncode == 0, log[-4000:]
