@@ -465,9 +465,8 @@ def test_an_unapproved_app_is_refused_before_its_code_runs(federation, tmp_path)
         ), site.name
 
 
-def _outsider_flwr(
-    fed: Federation, home: Path, *args: str
-) -> subprocess.CompletedProcess:
+def _flwr_cli(home: str | Path, *args: str) -> subprocess.CompletedProcess:
+    """Run ``flwr *args`` with ``FLWR_HOME=home`` (whose connections it uses)."""
     return subprocess.run(
         [FLWR, *args],
         cwd=ROOT,
@@ -502,7 +501,7 @@ def test_an_outsider_with_the_ca_certificate_cannot_reach_the_control_api(
         "list-runs": ("ls", "outsider"),
     }
     for endpoint, args in attempts.items():
-        proc = _outsider_flwr(fed, home, *args)
+        proc = _flwr_cli(home, *args)
         output = proc.stdout + proc.stderr
         assert proc.returncode != 0, (endpoint, output[-2000:])
         assert "403" in output, (endpoint, output[-2000:])
@@ -557,34 +556,14 @@ def test_the_operator_runs_lists_and_stops_a_run_through_the_gateway(
     out = tmp_path / "out"
     run_config = {**TINY, "num-server-rounds": 50, "output-dir": str(out)}
     command = [c for c in _flwr_run_command(fed, run_config) if c != "--stream"]
-    started = subprocess.run(
-        [*command, "--format", "json"],
-        cwd=ROOT,
-        env=_env(fed),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    started = _flwr_cli(fed.flwr_home, *command[1:], "--format", "json")
+    assert started.returncode == 0, started.stdout + started.stderr
     run_id = int(json.loads(started.stdout)["run-id"])
-    listed = subprocess.run(
-        [FLWR, "ls", fed.connection, "--format", "json"],
-        cwd=ROOT,
-        env=_env(fed),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    listed = _flwr_cli(fed.flwr_home, "ls", fed.connection, "--format", "json")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
     assert run_id in [int(r["run-id"]) for r in json.loads(listed.stdout)["runs"]]
-    stopped = subprocess.run(
-        [FLWR, "stop", str(run_id), fed.connection, "--format", "json"],
-        cwd=ROOT,
-        env=_env(fed),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    stopped = _flwr_cli(
+        fed.flwr_home, "stop", str(run_id), fed.connection, "--format", "json"
     )
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     access = (Path(fed.folder) / "control-plane/front/access.log").read_text()
