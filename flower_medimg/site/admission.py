@@ -192,10 +192,10 @@ def _check_round(
         )
     if not charges.charges:
         return []
-    ledger = PrivacyLedger(state_dir)
+    history = PrivacyLedger(state_dir).charges()
     per_run = policy.get("max-epsilon-per-run")
     if per_run is not None:
-        this_run = [c for c in ledger.charges() if c.run_id == context.run_id]
+        this_run = [c for c in history if c.run_id == context.run_id]
         epsilon = compose_epsilon([*this_run, *charges.charges], policy.delta)
         if epsilon > per_run:
             raise policy.refuse(
@@ -205,7 +205,7 @@ def _check_round(
             )
     total = policy.get("max-total-epsilon")
     if total is not None:
-        epsilon = ledger.total_epsilon(policy.delta, charges.charges)
+        epsilon = compose_epsilon([*history, *charges.charges], policy.delta)
         if epsilon > total:
             raise policy.refuse(
                 "max-total-epsilon",
