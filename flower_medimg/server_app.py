@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from logging import INFO
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +45,9 @@ from flower_medimg.lifecycle.driver import LifecycleError
 from flower_medimg.lifecycle.node_deadline import NodeDeadlineGrid
 from flower_medimg.lifecycle.outputs import RoundRecorder, make_run_dir, write_outputs
 from flower_medimg.strategies import QualityGate, make_user_level_dp
+from flower_medimg.strategies.compressed import DecompressUpdates
 from flower_medimg.strategies.registry import SELF_CHECKING, build_strategy
+from flower_medimg.strategies.secagg import SecAggPlus, secure_mean_problem
 
 __all__ = ["app", "central_evaluator", "make_server_app", "run_experiment"]
 
@@ -145,6 +148,50 @@ def _with_user_level_dp(
     )
 
 
+def build_homomorphic_strategy(settings: Settings, recorder: RoundRecorder) -> Strategy:
+    """Build the configured mean strategy behind CKKS encryption (``he.*``).
+
+    The server holds only the public context (``he.context-dir``'s
+    ``he-public.ctx``): it adds the sites' ciphertexts and scales the sum, and can
+    check each reply's structure but not its values (no norm or cosine checks).
+    """
+    from flower_medimg.core.homomorphic import PUBLIC_CONTEXT_FILE
+    from flower_medimg.strategies.homomorphic import HomomorphicFedAvg
+
+    params = settings.section("strategy")
+    screening = screening_parameters(settings)
+    strategy = build_strategy(
+        params.pop("name"),
+        params,
+        train_metrics_aggr_fn=recorder.train,
+        evaluate_metrics_aggr_fn=recorder.evaluate,
+        max_num_examples=screening["max_num_examples"],
+        max_weight_share=screening["max_weight_share"],
+    )
+    keys = [k.strip() for k in settings["he.keys"].split(",") if k.strip()]
+    return HomomorphicFedAvg(
+        strategy,
+        Path(settings["he.context-dir"]) / PUBLIC_CONTEXT_FILE,
+        keys=keys or None,
+    )
+
+
+def _with_secure_aggregation(strategy: Strategy, settings: Settings) -> Strategy:
+    """Wrap ``strategy`` in SecAgg+ (``secagg.*``); int8 compression means 8 bits."""
+    share = screening_parameters(settings)["max_weight_share"]
+    bits = 8 if settings["compression.codec"] == "int8" else None
+    return SecAggPlus(
+        strategy,
+        num_shares=settings["secagg.num-shares"] or None,
+        threshold=settings["secagg.threshold"] or None,
+        clipping_range=settings["secagg.clipping-range"],
+        quantization_bits=bits or settings["secagg.quantization-bits"],
+        timeout=settings["round-timeout"],
+        max_num_examples=settings["gate.max-num-examples"] or None,
+        max_weight_share=share if settings["gate.enabled"] else None,
+    )
+
+
 def _train_config(settings: Settings) -> ConfigRecord:
     """Return the ConfigRecord sent with every train message (strategies add to it)."""
     config = ConfigRecord(
@@ -177,7 +224,12 @@ def run_experiment(grid: Grid, context: Context, settings: Settings) -> dict:
     recorder = RoundRecorder(
         max_weight_share=screening_parameters(settings)["max_weight_share"]
     )
-    strategy = build_gated_strategy(settings, recorder)  # a bad parameter fails now
+    if settings["he.enabled"]:
+        strategy = build_homomorphic_strategy(settings, recorder)
+    else:  # a bad parameter fails now
+        strategy = build_gated_strategy(settings, recorder)
+    if settings["secagg.enabled"] and (problem := secure_mean_problem(strategy)):
+        raise ValueError(f"secagg.enabled cannot wrap this strategy: {problem}")
     model = initial_model(settings)
     private = private_keys(model, settings["private-params"])
     shared, _ = split_state(model.state_dict(), private)
@@ -209,6 +261,12 @@ def run_experiment(grid: Grid, context: Context, settings: Settings) -> dict:
     grid.wait_for_nodes()
     if settings["dp.user-level"] != "none":
         strategy = _with_user_level_dp(strategy, settings, grid)
+    if settings["secagg.enabled"]:
+        strategy = _with_secure_aggregation(strategy, settings)
+    elif settings["compression.codec"] != "none":
+        strategy = DecompressUpdates(
+            strategy, settings["compression.codec"], settings["compression.fraction"]
+        )
     outcome = run_lifecycle(
         grid,
         context,

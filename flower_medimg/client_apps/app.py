@@ -76,7 +76,7 @@ from .methods import (
     proximal_penalty,
     weighted_loss,
 )
-from .site_mods import SVT_STATE, run_with_mods, site_mods
+from .site_mods import SVT_STATE, model_mods, run_with_mods, site_mods
 from .site_state import SiteState
 from .statistics import statistics_reply
 from .training import (
@@ -466,7 +466,7 @@ def make_client_app(
         state = SiteState(context)
         state.restore_metrics(SVT_STATE)
         reply = run_with_mods(
-            [*_guard_mods(settings, context), *site_mods(settings)],
+            [*_guard_mods(settings, context), *site_mods(settings, context)],
             lambda m, c: _handler(settings, "train")(m, c, settings),
             msg,
             context,
@@ -479,7 +479,7 @@ def make_client_app(
         """Evaluate the personalised global model on this site's validation split."""
         settings = resolve_settings(context.run_config, overrides)
         return run_with_mods(
-            _guard_mods(settings, context),
+            [*_guard_mods(settings, context), *model_mods(settings, context)],
             lambda m, c: _handler(settings, "evaluate")(m, c, settings),
             msg,
             context,

@@ -7,6 +7,14 @@ message the way ``ClientApp(mods=...)`` does (the first mod is the outermost).
 - ``privacy.filter = "percentile" | "svt"``: selective parameter sharing (Li et al.,
   MLMI 2019, https://arxiv.org/abs/1910.00962): only ``privacy.share`` of the update's
   coordinates leave the site (:mod:`flower_medimg.privacy`).
+- ``secagg.enabled``: SecAgg+ (Bell et al., CCS 2020,
+  https://eprint.iacr.org/2020/704): only the masked, quantised update leaves the
+  site (:class:`~flower_medimg.privacy.secagg_mod.SecAggPlusMod`, outermost).
+- ``compression.codec``: the update travels as fp16, int8 or top-k with error
+  feedback (:class:`~flower_medimg.privacy.compression_mod.CompressionMod`).
+- ``he.enabled``: the received model is decrypted and the reply encrypted with the
+  site's CKKS secret context (TenSEAL;
+  :class:`~flower_medimg.privacy.homomorphic_mod.HomomorphicEncryptionMod`).
 - ``dp.user-level = "client"``: each update is clipped to ``dp.user-clipping-norm`` at
   the site (Flower's fixed clipping mod, guarded against zero updates) before the
   server adds the noise.
@@ -15,19 +23,29 @@ message the way ``ClientApp(mods=...)`` does (the first mod is the outermost).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp.typing import Mod
 
+from flower_medimg.core import protocol
 from flower_medimg.core.settings import Settings
 from flower_medimg.privacy import (
     PercentilePrivacyMod,
     SVTPrivacyMod,
     safe_fixedclipping_mod,
 )
+from flower_medimg.privacy.compression_mod import CompressionMod
+from flower_medimg.privacy.secagg_mod import SecAggPlusMod
 from flower_medimg.privacy.sparse_sharing import num_released, svt_noise_scales
 
-__all__ = ["SVT_STATE", "run_with_mods", "site_mods", "svt_round_epsilon"]
+__all__ = [
+    "SVT_STATE",
+    "model_mods",
+    "run_with_mods",
+    "site_mods",
+    "svt_round_epsilon",
+]
 
 #: ``context.state`` entry of the SVT filter's ε odometer.
 SVT_STATE = "svt-privacy"
@@ -38,9 +56,40 @@ def _optional(value: float) -> float | None:
     return value or None
 
 
-def site_mods(settings: Settings) -> list[Mod]:
-    """Return the mods the run's settings ask for, outermost first."""
-    mods: list[Mod] = []
+def model_mods(settings: Settings, context: Context | None = None) -> list[Mod]:
+    """Return the mods that decrypt the received model (``he.enabled``), if any.
+
+    The site's secret CKKS context is ``node_config["he-secret-context"]`` on a real
+    site, else ``he.context-dir``'s ``he-secret.ctx`` (simulated sites).
+    """
+    if not settings["he.enabled"]:
+        return []
+    from flower_medimg.core.homomorphic import SECRET_CONTEXT_FILE
+    from flower_medimg.privacy.homomorphic_mod import HomomorphicEncryptionMod
+
+    node_config = {} if context is None else context.node_config
+    path = node_config.get(protocol.NODE_HE_SECRET_CONTEXT) or str(
+        Path(settings["he.context-dir"]) / SECRET_CONTEXT_FILE
+    )
+    return [HomomorphicEncryptionMod(str(path), _comma_list(settings["he.keys"]))]
+
+
+def site_mods(settings: Settings, context: Context | None = None) -> list[Mod]:
+    """Return the train mods the run's settings ask for, outermost first.
+
+    What leaves the site last is made outermost: the encrypted (``he.*``), masked
+    (``secagg.*``) or compressed (``compression.*``) update of what the clipping
+    and sparse-sharing mods left.
+    """
+    mods: list[Mod] = model_mods(settings, context)
+    if settings["secagg.enabled"]:
+        mods.append(SecAggPlusMod(lambda ctx: _train_size(settings, ctx)))
+    elif settings["compression.codec"] != "none":
+        mods.append(
+            CompressionMod(
+                settings["compression.codec"], settings["compression.fraction"]
+            )
+        )
     if settings["dp.user-level"] == "client":
         mods.append(safe_fixedclipping_mod)  # must see the filtered reply last
     kind = settings["privacy.filter"]
@@ -59,6 +108,18 @@ def site_mods(settings: Settings) -> list[Mod]:
             )
         )
     return mods
+
+
+def _comma_list(text: str) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] or None
+
+
+def _train_size(settings: Settings, context: Context) -> int:
+    """Return the training-set size (the SecAgg+ weight, sent before training)."""
+    from flower_medimg.data.datasets import site_datasets
+
+    train, _ = site_datasets(settings, context.node_config)
+    return len(train)
 
 
 def svt_round_epsilon(settings: Settings, num_coordinates: int) -> float:

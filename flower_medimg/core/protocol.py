@@ -15,13 +15,21 @@ only then.
 from __future__ import annotations
 
 __all__ = [
+    "requested_metrics",
+    "CONFIG_CODEC",
     "CONFIG_FIX_AMP",
+    "CONFIG_HE_WEIGHT_KEY",
+    "CONFIG_FRACTION",
     "CONFIG_LOCAL_EPOCHS",
     "CONFIG_LR",
     "CONFIG_PROXIMAL_MU",
     "CONFIG_REQUEST_METRICS",
     "CONFIG_SERVER_ROUND",
     "ERROR_REFUSED",
+    "ERROR_UNDECODABLE",
+    "INFO_CODEC",
+    "INFO_ENCODED_KEYS",
+    "METRIC_COMPRESSED_BYTES",
     "METRIC_DP_EPSILON",
     "METRIC_EVAL_LOSS",
     "METRIC_EVAL_TIME",
@@ -40,9 +48,10 @@ __all__ = [
     "METRIC_TRAIN_TIME",
     "METRIC_UNIT_WEIGHT",
     "NODE_BUNDLE_ROOT",
-    "NODE_DATA_DIR",
     "NODE_DATALIST",
+    "NODE_DATA_DIR",
     "NODE_DP_MAX_EPSILON",
+    "NODE_HE_SECRET_CONTEXT",
     "NODE_MAX_VOXELS",
     "NODE_NUM_PARTITIONS",
     "NODE_PARTITION_ID",
@@ -55,6 +64,8 @@ __all__ = [
     "QUERY_RANGE_MIN",
     "QUERY_STATISTICS",
     "RECORD_ARRAYS",
+    "RECORD_CODEC",
+    "RECORD_CODEC_INFO",
     "RECORD_CONFIG",
     "RECORD_METRICS",
     "RECORD_STATISTICS",
@@ -63,7 +74,6 @@ __all__ = [
     "ROUND_USER_DELTA",
     "ROUND_USER_EPSILON",
     "SITE_BOOKKEEPING_METRICS",
-    "requested_metrics",
 ]
 
 # ---- record names inside a Message's RecordDict ---------------------------------
@@ -161,6 +171,26 @@ ROUND_GATE_REJECTED = "gate-rejected"
 ROUND_USER_EPSILON = "user-epsilon"
 ROUND_USER_DELTA = "user-delta"
 
+# ---- update compression (flower_medimg.core.compression) -------------------------
+#: Train config keys the server sets: the codec it decodes, and top-k's fraction.
+CONFIG_CODEC = "compression-codec"
+CONFIG_FRACTION = "compression-fraction"
+#: ArrayRecord of the reply holding the side data (``<key>.scale``, ``<key>.indices``).
+RECORD_CODEC = "codec"
+#: ConfigRecord of the reply: the codec used and the keys sent encoded.
+RECORD_CODEC_INFO = "codec-info"
+INFO_CODEC = "codec"
+INFO_ENCODED_KEYS = "encoded-keys"
+#: Bytes of array data in the compressed reply (payload plus side data).
+METRIC_COMPRESSED_BYTES = "compressed-bytes"
+#: Error code of a reply the server cannot decode (HTTP's "unprocessable content").
+ERROR_UNDECODABLE = 422
+
+# ---- homomorphic encryption (flower_medimg.core.homomorphic) --------------------
+#: Train config key: the metric each site multiplies its weights by before
+#: encrypting (the server's ``weighted_by_key``).
+CONFIG_HE_WEIGHT_KEY = "he-weight-key"
+
 # ---- node_config keys a site sets on its SuperNode --------------------------------
 NODE_DATA_DIR = "data-dir"
 #: The site's installed copy of the MONAI bundle that ``task = "bundle"`` runs.
@@ -174,6 +204,8 @@ NODE_MAX_VOXELS = "max-voxels"  # the site's cap on voxels per image file
 NODE_SHARE_STATISTICS = "share-statistics"
 NODE_PARTITION_ID = "partition-id"  # set by Flower's simulation runtime
 NODE_NUM_PARTITIONS = "num-partitions"
+#: The site's CKKS context with the secret key (``flower-medimg he provision``).
+NODE_HE_SECRET_CONTEXT = "he-secret-context"
 
 
 def requested_metrics(config: object) -> frozenset[str]:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .compression import CODECS
 from .models import CLASSIFICATION_MODELS, NORMS, SEGMENTATION_MODELS
 from .private_params import PRIVATE_RULES
 from .tasks import TASKS
@@ -360,6 +361,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("privacy.tau", 0.0, minimum=0),
     Setting("privacy.epsilon", 1.0, above=0),
     Setting("privacy.release-epsilon", 0.0, minimum=0),
+    Setting("secagg.enabled", False),
+    Setting("secagg.num-shares", 0, minimum=0),
+    Setting("secagg.threshold", 0, minimum=0),
+    Setting("secagg.clipping-range", 1.0, above=0),
+    Setting("secagg.quantization-bits", 24, minimum=2, maximum=30),
+    Setting("compression.codec", "none", choices=CODECS, noun="codecs"),
+    Setting("compression.fraction", 0.1, above=0, maximum=1),
+    Setting("he.enabled", False),
+    Setting("he.context-dir", ""),
+    Setting("he.keys", ""),
     Setting("method.names", "", parse=_method_names),
     Setting("method.harmofl-window", 0.0, minimum=0, maximum=0.5),
     Setting("method.harmofl-momentum", 0.1, minimum=0, maximum=1),
@@ -509,10 +520,72 @@ def _check_combinations(values: Mapping[str, Any]) -> None:
         _check_bundle(values)
     else:
         _check_model(values)
+    if values["secagg.enabled"]:
+        _check_secagg(values)
+    if values["he.enabled"]:
+        _check_he(values)
     if not values["stats.range-min"] < values["stats.range-max"]:
         raise SettingsError(
             f"run config stats.range-min = {values['stats.range-min']!r} must be "
             f"below stats.range-max = {values['stats.range-max']!r}"
+        )
+
+
+def _check_secagg(values: Mapping[str, Any]) -> None:
+    """Refuse what secure aggregation cannot do: read a single site's update."""
+    if values["he.enabled"]:
+        raise SettingsError(
+            "run config secagg.enabled and he.enabled are two ways to hide the "
+            "sites' updates; choose one"
+        )
+    if values["compression.codec"] not in ("none", "int8"):
+        raise SettingsError(
+            f"run config compression.codec = {values['compression.codec']!r} cannot "
+            "be used with secagg.enabled: the masked sum needs every site's update "
+            "in the same integer form; use 'int8' (8-bit SecAgg+ quantisation)"
+        )
+    if values["dp.user-level"] == "server":
+        raise SettingsError(
+            "run config dp.user-level = 'server' clips each site's update at the "
+            "server, which secagg.enabled hides; use dp.user-level = 'client'"
+        )
+    norm_checks = {
+        "gate.max-update-norm": values["gate.max-update-norm"] > 0,
+        "gate.update-norm-factor": values["gate.update-norm-factor"] > 0,
+        "gate.min-cosine": values["gate.min-cosine"] > -1,
+    }
+    on = [key for key, value in norm_checks.items() if value]
+    if values["gate.enabled"] and on:
+        raise SettingsError(
+            f"run config {', '.join(on)} check each site's update, which "
+            "secagg.enabled hides from the server; turn them off "
+            "(gate.max-update-norm = 0, gate.update-norm-factor = 0, "
+            "gate.min-cosine = -1) and bound updates at the sites instead "
+            "(secagg.clipping-range, dp.user-level = 'client', the site policy)"
+        )
+
+
+def _check_he(values: Mapping[str, Any]) -> None:
+    """Refuse what the server cannot do on ciphertexts."""
+    if not values["he.context-dir"].strip():
+        raise SettingsError(
+            "run config he.enabled needs he.context-dir: the folder written by "
+            "`flower-medimg he provision` (the server reads he-public.ctx there)"
+        )
+    if values["compression.codec"] != "none":
+        raise SettingsError(
+            "run config compression.codec cannot be used with he.enabled: "
+            "ciphertexts do not compress"
+        )
+    if values["dp.user-level"] == "server":
+        raise SettingsError(
+            "run config dp.user-level = 'server' clips each site's update at the "
+            "server, which he.enabled encrypts; use dp.user-level = 'client'"
+        )
+    if values["central-eval"]:
+        raise SettingsError(
+            "run config he.enabled keeps the global model encrypted at the server, "
+            "so it cannot evaluate it: set central-eval = false"
         )
 
 

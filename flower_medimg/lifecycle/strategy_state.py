@@ -45,7 +45,10 @@ from flower_medimg.strategies import (
     QualityGate,
 )
 from flower_medimg.strategies.chain import strategy_chain
+from flower_medimg.strategies.compressed import DecompressUpdates
+from flower_medimg.strategies.homomorphic import HomomorphicFedAvg
 from flower_medimg.strategies.quality import ReplyScreening
+from flower_medimg.strategies.secagg import SecAggPlus
 from flower_medimg.strategies.user_level_dp import (
     UserLevelDPClientSideFixedClipping,
     UserLevelDPServerSideFixedClipping,
@@ -132,6 +135,10 @@ STATE_FIELDS: dict[type, tuple[StateField, ...]] = {
         StateField("_rng", "random-state"),
     ),
     QualityGate: (),
+    # what leaves the sites: stateless between rounds (SecAgg+ keys are per round)
+    SecAggPlus: (),
+    DecompressUpdates: (),
+    HomomorphicFedAvg: (),
     # the statistics phase's per-node bound on num-examples (not collected again
     # on resume)
     ReplyScreening: (StateField("num_examples_bounds", "int-int-map"),),

@@ -64,6 +64,7 @@ __all__ = [
     "UserLevelDPServerSideFixedClipping",
     "clip_update",
     "make_user_level_dp",
+    "plain_mean",
     "uniform_weighting_problem",
 ]
 
@@ -114,7 +115,7 @@ def clip_update(
     return clipped, norm
 
 
-def _plain_mean(strategy: FedAvg) -> bool:
+def plain_mean(strategy: FedAvg) -> bool:
     """Whether the strategy aggregates as FedAvg's weighted mean, unchanged."""
     cls = type(strategy)
     if cls.aggregate_train is FedAvg.aggregate_train:
@@ -159,7 +160,7 @@ def uniform_weighting_problem(strategy: Strategy) -> tuple[str | None, str | Non
         if declared is False:
             return None, getattr(level, "weighted_by_key", None)
         if isinstance(level, FedAvg):
-            if not _plain_mean(level):
+            if not plain_mean(level):
                 return (
                     f"{name} overrides FedAvg's aggregation, so its client weights "
                     "may depend on client data (losses, scores, distances) or its "
