@@ -589,6 +589,30 @@ def test_keys_and_site_folders_are_private(federation):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
 
 
+def test_secure_aggregation_through_the_superlink(federation, tmp_path):
+    """SecAgg+ across the three sites: the server unmasks only their sum.
+
+    Key advertisement, key sharing and unmasking are extra train messages through
+    the SuperLink; each site's warm runtime runs them like any message.
+    """
+    fed = federation
+    out = tmp_path / "out"
+    run_config = {
+        **TINY,
+        "num-server-rounds": 2,
+        "output-dir": str(out),
+        "secagg.enabled": True,
+        "gate.update-norm-factor": 0.0,
+        "gate.min-cosine": -1.0,
+    }
+    log = _flwr_run(fed, run_config)
+    _, summary = _summary(out)
+    for entry in summary["rounds"]:
+        assert len(entry["clients-train"]) == 3, log[-3000:]
+        assert all("secagg-clipped" in c for c in entry["clients-train"])
+    assert log.count("unmasked the sum of 3 sites (0 dropped") == 2, log[-3000:]
+
+
 def test_site_killed_mid_run(federation, tmp_path):
     """A SuperNode killed (SIGKILL) in round 2 of 3: the run ends with the others.
 

@@ -138,7 +138,10 @@ class Admission:
         except SettingsError as err:
             raise AdmissionError(f"the run config is not valid: {err}") from err
         _check_run(policy, settings)
-        if message.metadata.message_type != "train":
+        if (
+            message.metadata.message_type != "train"
+            or protocol.RECORD_ARRAYS not in message.content.array_records
+        ):  # only a message holding the model trains (not SecAgg+'s key exchanges)
             return []
         return _check_round(policy, settings, message, context, run, self.state_dir)
 
