@@ -412,7 +412,9 @@ def test_configure_train_names_the_codec_and_delegates_attributes():
     config = ConfigRecord({"lr": 0.1})
     messages = list(server.configure_train(1, record(MODEL), config, FakeGrid()))
     sent = messages[0].content["config"]
-    assert sent[protocol.CONFIG_CODEC] == "topk" and sent[protocol.CONFIG_FRACTION] == 0.25
+    assert (
+        sent[protocol.CONFIG_CODEC] == "topk" and sent[protocol.CONFIG_FRACTION] == 0.25
+    )
     assert sent["lr"] == 0.1 and protocol.CONFIG_CODEC not in config
 
 

@@ -3,8 +3,9 @@
 import json
 
 import pytest
-from flwr.simulation import run_simulation
 import torch
+from flwr.simulation import run_simulation
+from tiny_config import TINY
 
 from flower_medimg.client_apps import make_client_app
 from flower_medimg.core.homomorphic import (
@@ -14,8 +15,6 @@ from flower_medimg.core.homomorphic import (
     provision_contexts,
 )
 from flower_medimg.server_app import make_server_app
-
-from tiny_config import TINY
 
 #: The reply gate's per-update checks cannot see a masked or encrypted update.
 NO_UPDATE_CHECKS = {
