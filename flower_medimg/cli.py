@@ -9,6 +9,9 @@
 ``flower-medimg site start|stop|status --config site.toml``
     Run a hospital's SuperNode and its warm site runtime from the site's own
     configuration file.
+``flower-medimg he provision --out DIR``
+    Write the CKKS contexts of homomorphic encryption: the sites' secret one and
+    the server's public one.
 ``flower-medimg registry list|show|compare|export|verify``
     Inspect the model registry, export a version with its model card, check every
     record's signature and file.
@@ -24,6 +27,7 @@ import sys
 from collections.abc import Sequence
 
 from flower_medimg.federation.cli import add_federation_parser, run_federation
+from flower_medimg.federation.he_cli import add_he_parser, run_he
 from flower_medimg.lifecycle.cli import add_lifecycle_parsers, run_lifecycle_command
 from flower_medimg.site.cli import add_site_parser, run_site
 
@@ -44,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_federation_parser(commands)
     add_site_parser(commands)
+    add_he_parser(commands)
     add_lifecycle_parsers(commands)
     return parser
 
@@ -72,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_lifecycle_command(args)
         if args.command == "site":
             return run_site(args)
+        if args.command == "he":
+            return run_he(args)
         return run_federation(args)
     except (RuntimeError, FileNotFoundError, ValueError) as err:
         print(f"flower-medimg: error: {err}", file=sys.stderr)

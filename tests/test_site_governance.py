@@ -209,6 +209,7 @@ def test_a_tampered_site_audit_log_is_named_at_its_line(tmp_path):
     ("policy", "run_config", "line", "expected"),
     [
         ("require-dp-sgd = true\n", {}, 2, "without DP-SGD"),
+        ("require-secure-aggregation = true\n", {}, 2, "in the clear"),
         (
             "allowed-strategies = ['fedavg']\n",
             {"strategy.name": "fedprox"},
@@ -247,12 +248,15 @@ def test_a_run_within_the_policy_is_admitted(tmp_path, site_dir):
         tmp_path,
         "require-dp-sgd = true\nallowed-strategies = ['fedavg']\n"
         f"private-params = ['norm']\nmin-train-samples = {NUM_TRAIN}\n"
-        "max-update-mib = 1.0\n",
+        "max-update-mib = 1.0\nrequire-secure-aggregation = true\n",
     )
     run_config = {
         "dp.noise-multiplier": 1.0,
         "private-params": "norm",
         "train.batch-size": 4,
+        "secagg.enabled": True,
+        "gate.update-norm-factor": 0.0,
+        "gate.min-cosine": -1.0,
     }
     message, context = _train(1, site_dir, tmp_path, run_config)
     Admission(tmp_path, path).check(message, context, _run(1), fab)

@@ -154,6 +154,14 @@ def _check_run(policy: SitePolicy, settings: Any) -> None:
             "the run trains without DP-SGD (dp.noise-multiplier and "
             "dp.target-epsilon are 0)",
         )
+    if policy.get("require-secure-aggregation") and not (
+        settings["secagg.enabled"] or settings["he.enabled"]
+    ):
+        raise policy.refuse(
+            "require-secure-aggregation",
+            "the run sends each update to the server in the clear (secagg.enabled "
+            "and he.enabled are false)",
+        )
     for key, setting in (
         ("allowed-strategies", "strategy.name"),
         ("allowed-tasks", "task"),

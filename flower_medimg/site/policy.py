@@ -5,6 +5,8 @@ configuration, e.g. ``policy.toml``::
 
     [policy]
     require-dp-sgd = true          # every run trains with DP-SGD
+    require-secure-aggregation = true  # the server sees no single update in the
+                                   # clear (secagg.enabled or he.enabled)
     max-epsilon-per-run = 8.0      # the run's own DP-SGD + SVT ε at ``delta``
     max-total-epsilon = 20.0       # the site's ledger, all runs and studies
     delta = 1e-5                   # δ of the two budgets above
@@ -32,6 +34,7 @@ __all__ = ["PolicyError", "PolicyViolationError", "SitePolicy", "load_policy"]
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "require-dp-sgd": (bool,),
+    "require-secure-aggregation": (bool,),
     "max-epsilon-per-run": (int, float),
     "max-total-epsilon": (int, float),
     "delta": (float,),
