@@ -8,9 +8,36 @@ outcomes of a round) walks the same chain.
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.serverapp.strategy import Strategy
 
-__all__ = ["strategy_chain"]
+__all__ = ["DelegatingWrapper", "strategy_chain"]
+
+
+class DelegatingWrapper:
+    """Mixin of a strategy wrapper: what is not its own is the wrapped strategy's.
+
+    Attribute reads and writes other than the names in ``_OWN_ATTRIBUTES`` go to
+    ``self.strategy``, so that ``wrapper.server_learning_rate = 0.5`` sets the
+    wrapped FedOpt's and the lifecycle finds the wrapped strategy's
+    ``num_examples_bounds`` through any chain of wrappers.
+    """
+
+    _OWN_ATTRIBUTES: frozenset[str] = frozenset({"strategy"})
+
+    def __getattr__(self, name: str) -> Any:
+        """Delegate unknown attributes to the wrapped strategy."""
+        if name in self._OWN_ATTRIBUTES:
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Set the wrapper's own attributes here, every other on the wrapped one."""
+        if name in self._OWN_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.strategy, name, value)
 
 
 def strategy_chain(strategy: Strategy) -> list[Strategy]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from logging import INFO
-from typing import Any
 
 import numpy as np
 from flwr.app import (
@@ -43,6 +42,7 @@ from flower_medimg.core.protocol import (
 )
 
 from ._wire import cast_to_dtype, read_array
+from .chain import DelegatingWrapper
 from .quality import log_rejection
 
 __all__ = ["DecompressUpdates", "decode_reply"]
@@ -51,7 +51,7 @@ __all__ = ["DecompressUpdates", "decode_reply"]
 _OWN_ATTRIBUTES = frozenset({"strategy", "codec", "fraction", "current_arrays"})
 
 
-class DecompressUpdates(Strategy):
+class DecompressUpdates(DelegatingWrapper, Strategy):
     """Wrap a strategy so that it receives compressed train replies decoded.
 
     ``configure_train`` remembers the global arrays and adds the codec
@@ -84,6 +84,8 @@ class DecompressUpdates(Strategy):
         with more values is refused.
     """
 
+    _OWN_ATTRIBUTES = _OWN_ATTRIBUTES
+
     def __init__(
         self, strategy: Strategy, codec: str = "int8", fraction: float = 0.1
     ) -> None:
@@ -97,19 +99,6 @@ class DecompressUpdates(Strategy):
         self.codec = codec
         self.fraction = fraction
         self.current_arrays: ArrayRecord | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        """Delegate unknown attributes to the wrapped strategy."""
-        if name in _OWN_ATTRIBUTES:
-            raise AttributeError(name)
-        return getattr(self.strategy, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        """Set the wrapper's own attributes here, every other on the wrapped one."""
-        if name in _OWN_ATTRIBUTES:
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.strategy, name, value)
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""

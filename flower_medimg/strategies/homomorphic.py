@@ -34,6 +34,7 @@ from flower_medimg.core.homomorphic import (
 )
 
 from ._wire import cast_to_dtype
+from .chain import DelegatingWrapper
 from .fast_fedavg import FastFedAvg
 from .kernels import cap_shares
 from .quality import (
@@ -120,7 +121,7 @@ class _Rejected(Exception):  # noqa: N818 (control flow, not an error)
     """Why a reply is dropped."""
 
 
-class HomomorphicFedAvg(Strategy):
+class HomomorphicFedAvg(DelegatingWrapper, Strategy):
     """Weighted federated averaging of CKKS-encrypted weights (HEFL).
 
     The sites (:class:`~flower_medimg.privacy.homomorphic_mod.HomomorphicEncryptionMod`)
@@ -167,6 +168,10 @@ class HomomorphicFedAvg(Strategy):
         If ``strategy`` needs the values of individual updates, or the context
         file is missing, not a TenSEAL context, or holds the secret key.
     """
+
+    _OWN_ATTRIBUTES = frozenset(
+        {"strategy", "keys", "context", "layout", "current_arrays", "last_outcomes"}
+    )
 
     def __init__(
         self,

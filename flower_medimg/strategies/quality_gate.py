@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from logging import ERROR, INFO, WARNING
-from typing import Any
 
 import numpy as np
 from flwr.app import (
@@ -23,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from flower_medimg.core import protocol
 
 from ._wire import cast_to_dtype
-from .chain import strategy_chain
+from .chain import DelegatingWrapper, strategy_chain
 from .fast_fedavg import FastFedAvg, all_finite
 from .kernels import cap_shares
 from .quality import (
@@ -74,7 +73,7 @@ _OWN_ATTRIBUTES = frozenset(
 )
 
 
-class QualityGate(ReplyScreening, Strategy):
+class QualityGate(DelegatingWrapper, ReplyScreening, Strategy):
     """Wrap a strategy so that malformed or harmful train replies never reach it.
 
     ``QualityGate(FedAvg())``, ``QualityGate(Krum(num_malicious_nodes=1))`` or
@@ -132,6 +131,8 @@ max_num_examples, max_weight_share
         ``weighted_by_key`` (or ``"num-examples"``).
     """
 
+    _OWN_ATTRIBUTES = _OWN_ATTRIBUTES
+
     # pylint: disable=too-many-arguments
     def __init__(
         self,
@@ -166,19 +167,6 @@ max_num_examples, max_weight_share
         self._weighted_by_key = weighted_by_key
         self.current_arrays: ArrayRecord | None = None
         self.last_outcomes: list[ReplyOutcome] = []
-
-    def __getattr__(self, name: str) -> Any:
-        """Delegate unknown attributes to the wrapped strategy."""
-        if name in _OWN_ATTRIBUTES:
-            raise AttributeError(name)
-        return getattr(self.strategy, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        """Set the gate's own attributes here, every other on the wrapped strategy."""
-        if name in _OWN_ATTRIBUTES:
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.strategy, name, value)
 
     @property
     def weighted_by_key(self) -> str:

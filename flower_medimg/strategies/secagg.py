@@ -66,7 +66,7 @@ from flower_medimg.core import protocol
 from flower_medimg.core import secagg as sa
 
 from ._wire import cast_to_dtype
-from .chain import strategy_chain
+from .chain import DelegatingWrapper, strategy_chain
 from .kernels import cap_shares, normalise_weights
 from .quality import ReplyOutcome, node_id_of
 from .user_level_dp import plain_mean
@@ -134,7 +134,7 @@ class _Round:
         self.grid: Grid | None = None
 
 
-class SecAggPlus(Strategy):
+class SecAggPlus(DelegatingWrapper, Strategy):
     """Wrap a strategy so the server aggregates masked updates (SecAgg+).
 
     Parameters
@@ -167,6 +167,8 @@ class SecAggPlus(Strategy):
         If the wrapped strategy needs individual updates, or a parameter is invalid.
     """
 
+    _OWN_ATTRIBUTES = _OWN_ATTRIBUTES
+
     def __init__(
         self,
         strategy: Strategy,
@@ -191,7 +193,7 @@ class SecAggPlus(Strategy):
             quantization_bits,
             clipping_range,
         )
-        object.__setattr__(self, "strategy", strategy)
+        self.strategy = strategy
         self.num_shares = num_shares
         self.threshold = threshold
         self.clipping_range = float(clipping_range)
@@ -201,19 +203,6 @@ class SecAggPlus(Strategy):
         self.max_weight_share = max_weight_share
         self.last_outcomes: list[ReplyOutcome] = []
         self._round: _Round | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        """Delegate unknown attributes to the wrapped strategy."""
-        if name in _OWN_ATTRIBUTES:
-            raise AttributeError(name)
-        return getattr(self.strategy, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        """Set the wrapper's own attributes here, every other on the wrapped one."""
-        if name in _OWN_ATTRIBUTES:
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.strategy, name, value)
 
     def __repr__(self) -> str:
         return f"SecAggPlus({self.strategy!r})"
