@@ -19,8 +19,14 @@ from flwr.app import (
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, Krum
 
 from flower_medimg.core import secagg as sa
+from flower_medimg.privacy import safe_fixedclipping_mod
 from flower_medimg.privacy.secagg_mod import STATE_KEY, SecAggPlusMod
-from flower_medimg.strategies import FastFedAvg, FastFedMedian, QualityGate
+from flower_medimg.strategies import (
+    FastFedAvg,
+    FastFedMedian,
+    QualityGate,
+    make_user_level_dp,
+)
 from flower_medimg.strategies.secagg import SecAggPlus
 
 
@@ -54,7 +60,9 @@ class Loopback:
             RecordDict(
                 {
                     "arrays": ArrayRecord(trained),
-                    "metrics": MetricRecord({"num-examples": self.counts[node]}),
+                    "metrics": MetricRecord(
+                        {"num-examples": self.counts[node], "unit-weight": 1}
+                    ),
                 }
             ),
             reply_to=msg,
@@ -356,3 +364,31 @@ def test_a_sparse_neighbourhood_still_aggregates_with_a_dropout():
     arrays, _ = _round(strategy, grid, _global({"w": np.zeros(50)}))
     expected = _mean(updates, counts, [1, 2, 4, 5])
     np.testing.assert_allclose(arrays["w"].numpy(), expected, atol=1e-4)
+
+
+def test_user_level_dp_clipped_at_the_sites_composes_with_secagg():
+    updates, counts = _five_sites()
+    grid = Loopback(updates, counts)
+    for node, secagg in grid.mods.items():  # clip inside, mask outside
+        grid.mods[node] = lambda m, c, nxt, s=secagg: s(
+            m, c, lambda m2, c2: safe_fixedclipping_mod(m2, c2, nxt)
+        )
+    inner = FedAvg(
+        min_available_nodes=5, min_train_nodes=5, weighted_by_key="unit-weight"
+    )
+    dp = make_user_level_dp(
+        inner,
+        side="client",
+        noise_multiplier=0.0,
+        clipping_norm=0.5,
+        num_sampled_clients=5,
+    )
+    strategy = SecAggPlus(dp, threshold=3, quantization_bits=20)
+    arrays, metrics = _round(strategy, grid, _global({"w": np.zeros(50)}))
+    # by hand: every update clipped to norm 0.5, then their unweighted mean
+    clipped = [
+        updates[n]["w"] * min(1.0, 0.5 / np.linalg.norm(updates[n]["w"]))
+        for n in range(1, 6)
+    ]
+    np.testing.assert_allclose(arrays["w"].numpy(), np.mean(clipped, 0), atol=1e-4)
+    assert "user-epsilon" in metrics
