@@ -43,6 +43,7 @@ class Loopback:
         }
         self.lose = lose or {}  # stage -> nodes whose reply never arrives
         self.fail_training = set(fail_training)
+        self.tamper = {}  # (stage, node) -> edits the reply's secagg record
         self.received = []  # every reply the server got
 
     def get_node_ids(self):
@@ -77,6 +78,8 @@ class Loopback:
                 reply = self.mods[node](msg, self.contexts[node], self._train)
             except RuntimeError:
                 continue  # the site is gone
+            if (stage, node) in self.tamper:
+                self.tamper[stage, node](reply.content["secagg"])
             if node not in self.lose.get(stage, ()):
                 replies.append(reply)
         self.received.extend(replies)
@@ -392,3 +395,49 @@ def test_user_level_dp_clipped_at_the_sites_composes_with_secagg():
     ]
     np.testing.assert_allclose(arrays["w"].numpy(), np.mean(clipped, 0), atol=1e-4)
     assert "user-epsilon" in metrics
+
+
+def _flip(config, key):
+    share = bytearray(config[key])
+    share[-1] ^= 0xFF
+    config[key] = bytes(share)
+
+
+def test_a_wrong_share_is_stepped_around_and_the_round_aggregates():
+    updates, counts = _five_sites()
+    grid = Loopback(updates, counts, fail_training={5})
+    # node 2 lies about its share of node 1's seed and of node 5's mask key
+    grid.tamper["unmask", 2] = lambda c: (
+        _flip(c, "seed-share:1"),
+        _flip(c, "secret-share:5"),
+    )
+    strategy = SecAggPlus(_fedavg(5), threshold=3, quantization_bits=20)
+    arrays, _ = _round(strategy, grid, _global({"w": np.zeros(50)}))
+    expected = _mean(updates, counts, [1, 2, 3, 4])
+    np.testing.assert_allclose(arrays["w"].numpy(), expected, atol=1e-4)
+
+
+def test_too_many_wrong_shares_fail_the_round_naming_the_secret():
+    updates, counts = _five_sites()
+    grid = Loopback(updates, counts)
+    for liar in (2, 3):
+        grid.tamper["unmask", liar] = lambda c: _flip(c, "seed-share:1")
+    strategy = SecAggPlus(_fedavg(5), threshold=4, quantization_bits=20)
+    arrays, _ = _round(strategy, grid, _global({"w": np.zeros(50)}))
+    assert arrays is None
+    assert "shares of node 1's mask seed rebuild it" in strategy.last_outcomes[0].reason
+
+
+def test_too_few_sampled_sites_for_the_threshold_train_nothing():
+    updates = {n: UPDATES[n] for n in (1, 2)}
+    grid = Loopback(updates, {1: 1, 2: 1})
+    strategy = SecAggPlus(_fedavg(2), threshold=3)
+    assert (
+        list(
+            strategy.configure_train(
+                1, _global({"w": np.zeros(3)}), ConfigRecord(), grid
+            )
+        )
+        == []
+    )
+    assert grid.received == []  # not even keys were asked for

@@ -28,6 +28,7 @@ curious server could search.
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 
@@ -54,6 +55,7 @@ __all__ = [
     "KEY_ENCRYPTION_PUBLIC",
     "KEY_SEED_SHARE",
     "KEY_SECRET_SHARE",
+    "KEY_SEED_COMMITMENT",
     "METRIC_CLIPPED",
     "RECORD_SECAGG",
     "STAGES",
@@ -76,6 +78,7 @@ __all__ = [
     "private_key_from_bytes",
     "public_key_bytes",
     "quantize_update",
+    "seed_commitment",
     "signed_pairwise",
     "wire_dtype",
 ]
@@ -105,6 +108,8 @@ CONFIG_DROPPED = "dropped"  # sites that shared keys but sent no masked input
 KEY_MASK_PUBLIC = "mask-public-key"
 KEY_ENCRYPTION_PUBLIC = "encryption-public-key"
 KEY_CIPHERTEXT = "ciphertext"  # encrypted shares for one neighbour
+#: SHA-256 of the site's mask seed: lets the server tell a wrong share from a right one
+KEY_SEED_COMMITMENT = "seed-commitment"
 KEY_SEED_SHARE = "seed-share"  # a share of a survivor's b
 KEY_SECRET_SHARE = "secret-share"  # a share of a dropped site's sk
 #: Fraction of the site's weighted update coordinates clipped to ``[-c, c]``.
@@ -118,6 +123,11 @@ _SCALAR_BYTES = 32
 def node_key(key: str, node_id: int) -> str:
     """Return the per-node key ``"<key>:<node id>"``."""
     return f"{key}:{int(node_id)}"
+
+
+def seed_commitment(seed: bytes) -> bytes:
+    """Return the SHA-256 of a mask seed (sent with the shares, checked on rebuild)."""
+    return hashlib.sha256(seed).digest()
 
 
 def check_parameters(

@@ -274,7 +274,9 @@ def _share_keys(msg: Message, context: Context, config: ConfigRecord) -> Message
     state[sa.node_key(sa.KEY_SEED_SHARE, me)] = own[0]
     state[sa.node_key(sa.KEY_SECRET_SHARE, me)] = own[1]
     state["stage"] = sa.STAGE_SHARE_KEYS
-    return _reply(msg, ciphertexts)
+    return _reply(
+        msg, {**ciphertexts, sa.KEY_SEED_COMMITMENT: sa.seed_commitment(seed)}
+    )
 
 
 def _collect(

@@ -33,6 +33,7 @@ any secret the round fails, logged with the numbers, and the global model is kep
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from logging import ERROR, INFO, WARNING
@@ -72,6 +73,9 @@ from .quality import ReplyOutcome, node_id_of
 from .user_level_dp import plain_mean
 
 __all__ = ["SecAggPlus", "secure_mean_problem"]
+
+#: Sets of ``threshold`` shares tried to step around wrong shares of one secret.
+_MAX_REBUILDS = 64
 
 #: Server optimisers that step from the (securely aggregated) mean.
 _MEAN_OPTIMISERS = (FedAdam, FedYogi, FedAdagrad, FedAvgM)
@@ -128,6 +132,7 @@ class _Round:
         self.threshold = threshold
         self.graph: dict[int, list[int]] = {}
         self.mask_keys: dict[int, bytes] = {}
+        self.commitments: dict[int, bytes] = {}  # SHA-256 of each site's mask seed
         self.shared: set[int] = set()  # sites whose shares were routed (U2)
         self.weights: dict[int, float] = {}
         self.modulus_bits = 0
@@ -186,7 +191,9 @@ class SecAggPlus(DelegatingWrapper, Strategy):
             raise ValueError(f"secure aggregation cannot wrap this strategy: {problem}")
         if num_shares is not None and num_shares < 2:
             raise ValueError(f"num_shares must be >= 2, got {num_shares}")
-        shares = num_shares or 3
+        if threshold is not None and threshold < 2:
+            raise ValueError(f"threshold must be >= 2, got {threshold}")
+        shares = num_shares or max(3, 2 * (threshold or 0) - 1)  # checked per round
         sa.check_parameters(
             shares,
             threshold or _default_threshold(shares),
@@ -233,15 +240,17 @@ class SecAggPlus(DelegatingWrapper, Strategy):
         nodes = sorted(messages)
         shares = min(self.num_shares or len(nodes), len(nodes))
         threshold = self.threshold or _default_threshold(shares)
-        if len(nodes) < 2 or threshold > shares:
+        try:
+            sa.check_parameters(
+                shares, threshold, self.quantization_bits, self.clipping_range
+            )
+        except ValueError as err:
             log(
                 ERROR,
-                "secagg round %d: %d sites sampled, %d needed to share secrets "
-                "(threshold %d); no training this round",
+                "secagg round %d: %d sites sampled: %s; no training this round",
                 server_round,
                 len(nodes),
-                threshold,
-                threshold,
+                err,
             )
             return []
         state = _Round(server_round, arrays, threshold)
@@ -358,12 +367,14 @@ class SecAggPlus(DelegatingWrapper, Strategy):
             config = reply.content[sa.RECORD_SECAGG]
             targets = advertised.intersection(state.graph[node])
             names = {sa.node_key(sa.KEY_CIPHERTEXT, t): t for t in targets}
-            if set(config.keys()) != set(names) or not all(
-                isinstance(config[name], bytes) for name in names
+            expected = {*names, sa.KEY_SEED_COMMITMENT}
+            if set(config.keys()) != expected or not all(
+                isinstance(config[name], bytes) for name in expected
             ):
                 log(WARNING, "secagg: node %d: shares missing or malformed", node)
                 continue
             state.shared.add(node)
+            state.commitments[node] = config[sa.KEY_SEED_COMMITMENT]
             for name, target in names.items():
                 routed.setdefault(target, {})[sa.node_key(sa.KEY_CIPHERTEXT, node)] = (
                     config[name]
@@ -527,7 +538,13 @@ class SecAggPlus(DelegatingWrapper, Strategy):
     def _rebuild(
         self, state: _Round, replies: dict[int, Message], kind: str, node: int
     ) -> bytes:
-        """Combine ``threshold`` shares of ``node``'s secret from the replies."""
+        """Rebuild ``node``'s secret from ``threshold`` of the shares that check out.
+
+        A mask seed must hash to the commitment ``node`` sent with its shares, a
+        mask key must match the public key it advertised; a wrong share (a lying or
+        broken site) is stepped around by trying other sets of ``threshold`` shares.
+        """
+        what = "mask seed" if kind == sa.KEY_SEED_SHARE else "mask key"
         name = sa.node_key(kind, node)
         shares = [
             reply.content[sa.RECORD_SECAGG][name]
@@ -536,14 +553,35 @@ class SecAggPlus(DelegatingWrapper, Strategy):
         ]
         if len(shares) < state.threshold:
             raise _UnmaskError(
-                f"{len(shares)} shares of node {node}'s "
-                f"{'mask seed' if kind == sa.KEY_SEED_SHARE else 'mask key'} arrived, "
-                f"fewer than the threshold {state.threshold}"
+                f"{len(shares)} shares of node {node}'s {what} arrived, fewer than "
+                f"the threshold {state.threshold}"
             )
+        for attempt, subset in enumerate(
+            itertools.combinations(shares, state.threshold)
+        ):
+            if attempt == _MAX_REBUILDS:
+                break
+            secret = _combined(list(subset))
+            if secret is not None and self._verifies(state, kind, node, secret):
+                if attempt:
+                    log(
+                        WARNING, "secagg: a share of node %d's %s was wrong", node, what
+                    )
+                return secret
+        raise _UnmaskError(
+            f"no {state.threshold} of the {len(shares)} shares of node {node}'s "
+            f"{what} rebuild it: sites sent wrong shares"
+        )
+
+    @staticmethod
+    def _verifies(state: _Round, kind: str, node: int, secret: bytes) -> bool:
+        if kind == sa.KEY_SEED_SHARE:
+            return sa.seed_commitment(secret) == state.commitments[node]
         try:
-            return combine_shares(shares[: state.threshold])
-        except ValueError as err:
-            raise _UnmaskError(f"node {node}'s shares do not combine: {err}") from None
+            key = sa.private_key_from_bytes(secret)
+        except ValueError:
+            return False
+        return sa.public_key_bytes(key) == state.mask_keys[node]
 
     def _fail(
         self, replies: list[Message], reason: str
@@ -572,6 +610,14 @@ class SecAggPlus(DelegatingWrapper, Strategy):
 
 class _UnmaskError(Exception):
     """The round's sum cannot be unmasked."""
+
+
+def _combined(shares: list[bytes]) -> bytes | None:
+    """Combine Shamir shares; ``None`` if they do not combine."""
+    try:
+        return combine_shares(shares)
+    except ValueError:
+        return None
 
 
 def _default_threshold(num_shares: int) -> int:
