@@ -263,9 +263,14 @@ def run_experiment(grid: Grid, context: Context, settings: Settings) -> dict:
         strategy = _with_user_level_dp(strategy, settings, grid)
     if settings["secagg.enabled"]:
         strategy = _with_secure_aggregation(strategy, settings)
-    elif settings["compression.codec"] != "none":
+    elif settings["compression.codec"] != "none" or (
+        settings["compression.downlink"] != "none"
+    ):
         strategy = DecompressUpdates(
-            strategy, settings["compression.codec"], settings["compression.fraction"]
+            strategy,
+            settings["compression.codec"],
+            settings["compression.fraction"],
+            settings["compression.downlink"],
         )
     outcome = run_lifecycle(
         grid,

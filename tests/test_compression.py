@@ -476,3 +476,79 @@ def test_hostile_reply_costs_only_itself(case, flwr_log):
             atol = codec_error(codec, key, nodes=(1, 3))
             np.testing.assert_allclose(out[key], expected[key], atol=atol, rtol=0)
     assert "received 2 results and 1 failures" in flwr_log.text.lower()
+
+
+# ----------------------------------------------------------------------------------
+# downlink: the global model as float16
+# ----------------------------------------------------------------------------------
+
+
+def test_narrow_model_halves_float32_and_keeps_the_rest():
+    model = {
+        "w": np.array([0.1, -3.0], np.float32),
+        "big": np.array([1e6], np.float32),
+        "n": np.array(4, np.int64),
+    }
+    narrow = cmp.narrow_model(model)
+    assert narrow["w"].dtype == np.float16 and narrow["big"].dtype == np.float32
+    assert narrow["n"].dtype == np.int64
+    wide = cmp.widen_model(narrow)
+    assert {k: v.dtype for k, v in wide.items()} == {
+        k: v.dtype for k, v in model.items()
+    }
+    np.testing.assert_allclose(wide["w"], model["w"], rtol=2.0**-11)
+
+
+def test_the_site_sees_float32_arrays_of_a_float16_downlink():
+    seen = {}
+
+    def evaluate(msg, ctxt):
+        seen.update(numpy_of(msg.content["arrays"]))
+        return Message(
+            RecordDict({"metrics": MetricRecord({"dice": 0.5})}), reply_to=msg
+        )
+
+    narrow = cmp.narrow_model(MODEL)
+    msg = train_message(
+        narrow, {protocol.CONFIG_DOWNLINK: "fp16"}, message_type="evaluate"
+    )
+    CompressionMod("none")(msg, context(), evaluate)
+    assert seen[W].dtype == np.float32 and seen["bias"].dtype == np.float32
+    assert seen["bn.num_batches_tracked"].dtype == np.int64
+    bad = train_message(
+        MODEL, {protocol.CONFIG_DOWNLINK: "zip"}, message_type="evaluate"
+    )
+    reply = CompressionMod("none")(bad, context(), evaluate)
+    assert reply.has_error() and "unknown downlink 'zip'" in reply.error.reason
+
+
+def test_a_float16_downlink_round_matches_plain_fedavg_within_int8_error():
+    server = DecompressUpdates(FedAvg(), "int8", downlink="fp16")
+    messages = list(
+        server.configure_train(1, record(MODEL), ConfigRecord(), FakeGrid())
+    )
+    sent = messages[0].content["arrays"]
+    assert (
+        sent[W].dtype == "float16" and sent["bn.num_batches_tracked"].dtype == "int64"
+    )
+    assert messages[0].content["config"][protocol.CONFIG_DOWNLINK] == "fp16"
+    mod = CompressionMod("int8")
+    replies = [
+        mod(
+            m,
+            context(m.metadata.dst_node_id),
+            client(site_model(m.metadata.dst_node_id), 10 * m.metadata.dst_node_id),
+        )
+        for m in messages
+    ]
+    out = numpy_of(server.aggregate_train(1, replies)[0])
+    expected = plain_fedavg()
+    for key in (W, "bias"):
+        # the update is taken against the float16-rounded model the sites received
+        np.testing.assert_allclose(
+            out[key], expected[key], atol=codec_error("int8", key) + 2e-3, rtol=0
+        )
+    evaluate = list(
+        server.configure_evaluate(1, record(MODEL), ConfigRecord(), FakeGrid())
+    )
+    assert evaluate[0].content["arrays"][W].dtype == "float16"

@@ -57,21 +57,32 @@ def _optional(value: float) -> float | None:
 
 
 def model_mods(settings: Settings, context: Context | None = None) -> list[Mod]:
-    """Return the mods that decrypt the received model (``he.enabled``), if any.
+    """Return the mods that turn the received model into plain float32 arrays.
 
-    The site's secret CKKS context is ``node_config["he-secret-context"]`` on a real
-    site, else ``he.context-dir``'s ``he-secret.ctx`` (simulated sites).
+    ``he.enabled``: decrypt it (and encrypt the train reply) with the site's secret
+    CKKS context, ``node_config["he-secret-context"]`` on a real site, else
+    ``he.context-dir``'s ``he-secret.ctx`` (simulated sites).
+    ``compression.*``: widen a float16 downlink (and encode the train reply).
     """
-    if not settings["he.enabled"]:
-        return []
-    from flower_medimg.core.homomorphic import SECRET_CONTEXT_FILE
-    from flower_medimg.privacy.homomorphic_mod import HomomorphicEncryptionMod
+    if settings["he.enabled"]:
+        from flower_medimg.core.homomorphic import SECRET_CONTEXT_FILE
+        from flower_medimg.privacy.homomorphic_mod import HomomorphicEncryptionMod
 
-    node_config = {} if context is None else context.node_config
-    path = node_config.get(protocol.NODE_HE_SECRET_CONTEXT) or str(
-        Path(settings["he.context-dir"]) / SECRET_CONTEXT_FILE
+        node_config = {} if context is None else context.node_config
+        path = node_config.get(protocol.NODE_HE_SECRET_CONTEXT) or str(
+            Path(settings["he.context-dir"]) / SECRET_CONTEXT_FILE
+        )
+        return [HomomorphicEncryptionMod(str(path), _comma_list(settings["he.keys"]))]
+    compressed = settings["compression.codec"] != "none" or (
+        settings["compression.downlink"] != "none"
     )
-    return [HomomorphicEncryptionMod(str(path), _comma_list(settings["he.keys"]))]
+    if compressed and not settings["secagg.enabled"]:
+        return [
+            CompressionMod(
+                settings["compression.codec"], settings["compression.fraction"]
+            )
+        ]
+    return []
 
 
 def site_mods(settings: Settings, context: Context | None = None) -> list[Mod]:
@@ -84,12 +95,6 @@ def site_mods(settings: Settings, context: Context | None = None) -> list[Mod]:
     mods: list[Mod] = model_mods(settings, context)
     if settings["secagg.enabled"]:
         mods.append(SecAggPlusMod(lambda ctx: _train_size(settings, ctx)))
-    elif settings["compression.codec"] != "none":
-        mods.append(
-            CompressionMod(
-                settings["compression.codec"], settings["compression.fraction"]
-            )
-        )
     if settings["dp.user-level"] == "client":
         mods.append(safe_fixedclipping_mod)  # must see the filtered reply last
     kind = settings["privacy.filter"]

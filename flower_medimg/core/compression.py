@@ -35,6 +35,7 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 __all__ = [
     "CODECS",
+    "DOWNLINKS",
     "FP16_MAX",
     "INT8_LEVELS",
     "SIDE_DATA",
@@ -46,6 +47,8 @@ __all__ = [
     "decode_topk",
     "encode",
     "encode_fp16",
+    "narrow_model",
+    "widen_model",
     "encode_int8",
     "encode_topk",
     "payload_bytes",
@@ -152,6 +155,40 @@ def decode_fp16(data: np.ndarray, shape: tuple[int, ...], key: str) -> np.ndarra
     data = _checked(data, np.float16, math.prod(shape), key, "the payload")
     _require_finite(data, key, "the payload")
     return data.astype(np.float64).reshape(shape)
+
+
+# ---- downlink: the global model as float16 ------------------------------------------
+
+#: Ways the global model may travel to the sites (``compression.downlink``).
+DOWNLINKS = ("none", "fp16")
+
+
+def narrow_model(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Return the global model for a float16 downlink.
+
+    float32 arrays whose values fit float16 travel as float16 (half the bytes,
+    error ``<= 2**-11 * |x|``); other arrays (integers, float64, values beyond
+    float16's range) travel as they are. The sites widen every float16 array back
+    to float32 (:func:`widen_model`), so a model with float16 parameters of its own
+    cannot use this downlink.
+    """
+    out = {}
+    for key, value in arrays.items():
+        narrow = (
+            value.dtype == np.float32
+            and np.isfinite(value).all()
+            and (value.size == 0 or float(np.max(np.abs(value))) <= FP16_MAX)
+        )
+        out[key] = value.astype(np.float16) if narrow else value
+    return out
+
+
+def widen_model(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Cast the float16 arrays of a received downlink back to float32."""
+    return {
+        key: value.astype(np.float32) if value.dtype == np.float16 else value
+        for key, value in arrays.items()
+    }
 
 
 # ---- int8 ----------------------------------------------------------------------------

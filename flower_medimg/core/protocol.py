@@ -17,6 +17,7 @@ from __future__ import annotations
 __all__ = [
     "requested_metrics",
     "CONFIG_CODEC",
+    "CONFIG_DOWNLINK",
     "CONFIG_FIX_AMP",
     "CONFIG_HE_WEIGHT_KEY",
     "CONFIG_FRACTION",
@@ -175,6 +176,8 @@ ROUND_USER_DELTA = "user-delta"
 #: Train config keys the server sets: the codec it decodes, and top-k's fraction.
 CONFIG_CODEC = "compression-codec"
 CONFIG_FRACTION = "compression-fraction"
+#: Train and evaluate config key: how the global model travels (``"fp16"``).
+CONFIG_DOWNLINK = "compression-downlink"
 #: ArrayRecord of the reply holding the side data (``<key>.scale``, ``<key>.indices``).
 RECORD_CODEC = "codec"
 #: ConfigRecord of the reply: the codec used and the keys sent encoded.

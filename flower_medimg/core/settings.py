@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .compression import CODECS
+from .compression import CODECS, DOWNLINKS
 from .models import CLASSIFICATION_MODELS, NORMS, SEGMENTATION_MODELS
 from .private_params import PRIVATE_RULES
 from .tasks import TASKS
@@ -368,6 +368,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("secagg.quantization-bits", 24, minimum=2, maximum=30),
     Setting("compression.codec", "none", choices=CODECS, noun="codecs"),
     Setting("compression.fraction", 0.1, above=0, maximum=1),
+    Setting("compression.downlink", "none", choices=DOWNLINKS, noun="downlinks"),
     Setting("he.enabled", False),
     Setting("he.context-dir", ""),
     Setting("he.keys", ""),
@@ -538,6 +539,12 @@ def _check_secagg(values: Mapping[str, Any]) -> None:
             "run config secagg.enabled and he.enabled are two ways to hide the "
             "sites' updates; choose one"
         )
+    if values["compression.downlink"] != "none":
+        raise SettingsError(
+            "run config compression.downlink cannot be used with secagg.enabled: "
+            "each site masks its update against the model it received, which must "
+            "be the server's"
+        )
     if values["compression.codec"] not in ("none", "int8"):
         raise SettingsError(
             f"run config compression.codec = {values['compression.codec']!r} cannot "
@@ -572,10 +579,13 @@ def _check_he(values: Mapping[str, Any]) -> None:
             "run config he.enabled needs he.context-dir: the folder written by "
             "`flower-medimg he provision` (the server reads he-public.ctx there)"
         )
-    if values["compression.codec"] != "none":
+    if (
+        values["compression.codec"] != "none"
+        or values["compression.downlink"] != "none"
+    ):
         raise SettingsError(
-            "run config compression.codec cannot be used with he.enabled: "
-            "ciphertexts do not compress"
+            "run config compression.codec and compression.downlink cannot be used "
+            "with he.enabled: ciphertexts do not compress"
         )
     if values["dp.user-level"] == "server":
         raise SettingsError(

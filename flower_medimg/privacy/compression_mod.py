@@ -37,13 +37,16 @@ from flwr.common.logger import log
 
 from flower_medimg.core import protocol
 from flower_medimg.core.compression import (
+    DOWNLINKS,
     check_codec,
     encode,
     payload_bytes,
     side_key,
+    widen_model,
 )
 from flower_medimg.core.protocol import (
     CONFIG_CODEC,
+    CONFIG_DOWNLINK,
     CONFIG_FRACTION,
     INFO_CODEC,
     INFO_ENCODED_KEYS,
@@ -56,6 +59,21 @@ __all__ = ["STATE_RESIDUAL", "CompressionMod"]
 
 #: Key of top-k's residual (an ArrayRecord) in ``context.state``.
 STATE_RESIDUAL = "compression-residual"
+
+
+def _widen_downlink(msg: Message) -> None:
+    """Give the ClientApp float32 arrays where the server sent float16 (in place)."""
+    config = msg.content.config_records.get(protocol.RECORD_CONFIG)
+    downlink = "none" if config is None else config.get(CONFIG_DOWNLINK, "none")
+    if downlink not in DOWNLINKS:
+        raise ValueError(
+            f"unknown downlink {downlink!r}; valid downlinks are {list(DOWNLINKS)}"
+        )
+    if downlink == "none":
+        return
+    for name, record in list(msg.content.array_records.items()):
+        widened = widen_model({key: record[key].numpy() for key in record})
+        msg.content[name] = ArrayRecord({k: Array(v) for k, v in widened.items()})
 
 
 def _error_reply(msg: Message, reason: str) -> Message:
@@ -95,6 +113,11 @@ class CompressionMod:
     - a ConfigRecord ``"codec-info"``: ``codec`` and ``encoded-keys`` (the keys sent
       as updates);
     - the metric ``compressed-bytes`` (payload plus side data) in its MetricRecord.
+
+    A train or evaluate message whose config says ``compression-downlink = "fp16"``
+    carries the global model's float32 arrays as float16; the mod casts them back
+    before the ClientApp sees them, and the update is taken against the model as
+    received.
 
     **The server's codec wins.** If the train config names a codec
     (``compression-codec``, and ``compression-fraction`` for top-k), the mod uses it,
@@ -146,7 +169,13 @@ class CompressionMod:
     def __call__(
         self, msg: Message, context: Context, call_next: ClientAppCallable
     ) -> Message:
-        """Compress the update in the reply to a ``train`` message."""
+        """Widen a float16 downlink; compress the update in a ``train`` reply."""
+        if msg.metadata.message_type not in (MessageType.TRAIN, MessageType.EVALUATE):
+            return call_next(msg, context)
+        try:
+            _widen_downlink(msg)
+        except ValueError as err:
+            return _error_reply(msg, f"{self.name}: server config: {err}")
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
         if len(msg.content.array_records) != 1:

@@ -26,17 +26,22 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flower_medimg.core.compression import (
+    DOWNLINKS,
     SIDE_DATA,
     check_codec,
     decode,
+    narrow_model,
     side_key,
+    widen_model,
 )
 from flower_medimg.core.protocol import (
     CONFIG_CODEC,
+    CONFIG_DOWNLINK,
     CONFIG_FRACTION,
     ERROR_UNDECODABLE,
     INFO_CODEC,
     INFO_ENCODED_KEYS,
+    RECORD_ARRAYS,
     RECORD_CODEC,
     RECORD_CODEC_INFO,
 )
@@ -48,7 +53,9 @@ from .quality import log_rejection
 __all__ = ["DecompressUpdates", "decode_reply"]
 
 #: The wrapper's own attributes; every other attribute is the wrapped strategy's.
-_OWN_ATTRIBUTES = frozenset({"strategy", "codec", "fraction", "current_arrays"})
+_OWN_ATTRIBUTES = frozenset(
+    {"strategy", "codec", "fraction", "downlink", "current_arrays"}
+)
 
 
 class DecompressUpdates(DelegatingWrapper, Strategy):
@@ -82,12 +89,19 @@ class DecompressUpdates(DelegatingWrapper, Strategy):
     fraction : float (default: 0.1)
         Top-k: fraction of each tensor's entries a site sends, in ``(0, 1]``; a reply
         with more values is refused.
+    downlink : str (default: "none")
+        ``"fp16"``: the global model's float32 arrays travel to the sites as float16
+        (train and evaluate messages; the sites' ``CompressionMod`` widens them).
     """
 
     _OWN_ATTRIBUTES = _OWN_ATTRIBUTES
 
     def __init__(
-        self, strategy: Strategy, codec: str = "int8", fraction: float = 0.1
+        self,
+        strategy: Strategy,
+        codec: str = "int8",
+        fraction: float = 0.1,
+        downlink: str = "none",
     ) -> None:
         if not isinstance(strategy, Strategy):
             raise TypeError(
@@ -95,7 +109,12 @@ class DecompressUpdates(DelegatingWrapper, Strategy):
                 f"got {type(strategy).__name__}"
             )
         check_codec(codec, fraction)
+        if downlink not in DOWNLINKS:
+            raise ValueError(
+                f"unknown downlink {downlink!r}; valid downlinks are {list(DOWNLINKS)}"
+            )
         self.strategy = strategy
+        self.downlink = downlink
         self.codec = codec
         self.fraction = fraction
         self.current_arrays: ArrayRecord | None = None
@@ -114,12 +133,39 @@ class DecompressUpdates(DelegatingWrapper, Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the global arrays, name the codec in the config, delegate."""
-        self.current_arrays = arrays
+        """Name the codec in the config, delegate, narrow the sent model if asked.
+
+        The replies are decoded against the model the sites received: with a
+        float16 downlink, the float16-rounded global model.
+        """
         config = ConfigRecord(
-            {**dict(config), CONFIG_CODEC: self.codec, CONFIG_FRACTION: self.fraction}
+            {
+                **dict(config),
+                CONFIG_CODEC: self.codec,
+                CONFIG_FRACTION: self.fraction,
+                **self._downlink_config(),
+            }
         )
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        messages = self.strategy.configure_train(server_round, arrays, config, grid)
+        messages, self.current_arrays = self._narrowed(messages, arrays)
+        return messages
+
+    def _downlink_config(self) -> dict[str, str]:
+        return {} if self.downlink == "none" else {CONFIG_DOWNLINK: self.downlink}
+
+    def _narrowed(
+        self, messages: Iterable[Message], arrays: ArrayRecord
+    ) -> tuple[list[Message], ArrayRecord]:
+        """Return the messages with the model as it travels, and that model."""
+        messages = list(messages)
+        if self.downlink == "none":
+            return messages, arrays
+        narrow = narrow_model({key: arrays[key].numpy() for key in arrays})
+        sent = ArrayRecord({key: Array(value) for key, value in narrow.items()})
+        received = ArrayRecord(
+            {key: Array(value) for key, value in widen_model(narrow).items()}
+        )
+        return [_with_arrays(message, sent) for message in messages], received
 
     def aggregate_train(
         self,
@@ -151,8 +197,10 @@ class DecompressUpdates(DelegatingWrapper, Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Delegate to the wrapped strategy."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        """Delegate to the wrapped strategy; narrow the sent model if asked."""
+        config = ConfigRecord({**dict(config), **self._downlink_config()})
+        messages = self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        return self._narrowed(messages, arrays)[0]
 
     def aggregate_evaluate(
         self,
@@ -202,6 +250,19 @@ def decode_reply(
     )
     content[names[0]] = arrays
     return Message(content, metadata=reply.metadata)
+
+
+def _with_arrays(message: Message, arrays: ArrayRecord) -> Message:
+    """Return a copy of a message to a site carrying ``arrays`` as its model."""
+    content = RecordDict(dict(message.content.items()))
+    name = next(iter(message.content.array_records), RECORD_ARRAYS)
+    content[name] = arrays
+    return Message(
+        content,
+        dst_node_id=message.metadata.dst_node_id,
+        message_type=message.metadata.message_type,
+        group_id=message.metadata.group_id,
+    )
 
 
 def _encoded_keys(reply: Message, codec: str) -> frozenset[str]:
