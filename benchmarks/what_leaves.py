@@ -125,8 +125,13 @@ class InProcessGrid:
 
     def send_and_receive(self, messages, timeout=None) -> list[Message]:
         replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
+        for sent in messages:
+            node = sent.metadata.dst_node_id
+            # each site gets its own copy, as after Flower's transport (strategies
+            # send one RecordDict to all, and mods may replace its records)
+            msg = Message(
+                RecordDict(dict(sent.content.items())), metadata=sent.metadata
+            )
             self.received[node] += _bytes(msg)
             started = time.perf_counter()
             reply = self.mods[node](msg, self.contexts[node], self._train)
