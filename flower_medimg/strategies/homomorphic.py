@@ -214,7 +214,9 @@ class HomomorphicFedAvg(DelegatingWrapper, Strategy):
     ) -> Iterable[Message]:
         """Remember the global arrays, name the weighting metric, then delegate."""
         self.current_arrays = arrays
-        config[protocol.CONFIG_HE_WEIGHT_KEY] = self.weighted_by_key
+        config = ConfigRecord(
+            {**dict(config), protocol.CONFIG_HE_WEIGHT_KEY: self.weighted_by_key}
+        )
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(
