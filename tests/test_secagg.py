@@ -43,7 +43,7 @@ class Loopback:
         }
         self.lose = lose or {}  # stage -> nodes whose reply never arrives
         self.fail_training = set(fail_training)
-        self.tamper = {}  # (stage, node) -> edits the reply's secagg record
+        self.tamper = {}  # (stage, node) -> edits that reply
         self.received = []  # every reply the server got
 
     def get_node_ids(self):
@@ -79,7 +79,7 @@ class Loopback:
             except RuntimeError:
                 continue  # the site is gone
             if (stage, node) in self.tamper:
-                self.tamper[stage, node](reply.content["secagg"])
+                self.tamper[stage, node](reply)
             if node not in self.lose.get(stage, ()):
                 replies.append(reply)
         self.received.extend(replies)
@@ -397,7 +397,8 @@ def test_user_level_dp_clipped_at_the_sites_composes_with_secagg():
     assert "user-epsilon" in metrics
 
 
-def _flip(config, key):
+def _flip(reply, key):
+    config = reply.content["secagg"]
     share = bytearray(config[key])
     share[-1] ^= 0xFF
     config[key] = bytes(share)
@@ -441,3 +442,29 @@ def test_too_few_sampled_sites_for_the_threshold_train_nothing():
         == []
     )
     assert grid.received == []  # not even keys were asked for
+
+
+@pytest.mark.parametrize(
+    ("forged", "named"),
+    [
+        (np.zeros(50, np.float32), "expected uint"),
+        (np.full(50, 2**30, np.uint32), "beyond 2^"),
+        (np.zeros(7, np.uint32), "expected uint"),
+    ],
+)
+def test_a_malformed_masked_input_costs_only_its_site(forged, named):
+    updates, counts = _five_sites()
+    grid = Loopback(updates, counts)
+
+    def forge(reply):
+        reply.content["arrays"]["w"] = Array(forged)
+
+    grid.tamper["collect", 3] = forge
+    strategy = SecAggPlus(QualityGate(_fedavg(4)), threshold=3, quantization_bits=20)
+    arrays, _ = _round(strategy, grid, _global({"w": np.zeros(50)}))
+    # node 3 is unmasked out as a site that dropped after sharing its keys
+    expected = _mean(updates, counts, [1, 2, 4, 5])
+    np.testing.assert_allclose(arrays["w"].numpy(), expected, atol=1e-4)
+    outcome = {o.node_id: o for o in strategy.strategy.last_outcomes}
+    assert not outcome[3].accepted and named in outcome[3].reason
+    assert all(outcome[n].accepted for n in (1, 2, 4, 5))
