@@ -3,8 +3,17 @@
 import json
 import math
 
+import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.simulation import run_simulation
 
 from flower_medimg.client_apps import make_client_app
@@ -104,3 +113,40 @@ def test_user_level_dp_refuses_num_examples_weighting(tmp_path):
     )
     with pytest.raises(ValueError, match="allow_data_dependent_weights"):
         _with_user_level_dp(build_strategy("fedavg"), config, grid=None)
+
+
+def _norm_bound_round(bound, config):
+    from flower_medimg.privacy import SiteNormBoundMod
+
+    msg = Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord({"w": Array(np.zeros(2, np.float32))}),
+                "config": ConfigRecord(config),
+            }
+        ),
+        dst_node_id=1,
+        message_type="train",
+    )
+
+    def train(m, c):
+        arrays = ArrayRecord({"w": Array(np.array([3.0, 4.0], np.float32))})
+        metrics = MetricRecord({"num-examples": 4})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=m)
+
+    reply = SiteNormBoundMod(bound)(msg, Context(1, 1, {}, RecordDict(), {}), train)
+    return reply.content["arrays"]["w"].numpy()
+
+
+def test_the_site_clips_its_own_update_whatever_the_server_asks():
+    # the update [3, 4] has norm 5: clipped to the site's bound 1 -> [0.6, 0.8]
+    np.testing.assert_allclose(_norm_bound_round(1.0, {"lr": 0.1}), [0.6, 0.8])
+    # a server asking for a looser bound gets the site's; a tighter one applies
+    np.testing.assert_allclose(
+        _norm_bound_round(1.0, {"clipping_norm": 10.0}), [0.6, 0.8]
+    )
+    np.testing.assert_allclose(
+        _norm_bound_round(1.0, {"clipping_norm": 0.5}), [0.3, 0.4], rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="'max-update-norm' must be a positive"):
+        _norm_bound_round(-1.0, {})

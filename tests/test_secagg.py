@@ -468,3 +468,23 @@ def test_a_malformed_masked_input_costs_only_its_site(forged, named):
     outcome = {o.node_id: o for o in strategy.strategy.last_outcomes}
     assert not outcome[3].accepted and named in outcome[3].reason
     assert all(outcome[n].accepted for n in (1, 2, 4, 5))
+
+
+def test_the_sites_own_norm_bound_composes_with_secagg():
+    from flower_medimg.privacy import SiteNormBoundMod
+
+    updates, counts = _five_sites()
+    grid = Loopback(updates, counts)
+    for node, secagg in grid.mods.items():
+        grid.mods[node] = lambda m, c, nxt, s=secagg: s(
+            m, c, lambda m2, c2: SiteNormBoundMod(0.5)(m2, c2, nxt)
+        )
+    strategy = SecAggPlus(_fedavg(5), threshold=3, quantization_bits=20)
+    arrays, _ = _round(strategy, grid, _global({"w": np.zeros(50)}))
+    clipped = {
+        n: {"w": updates[n]["w"] * min(1.0, 0.5 / np.linalg.norm(updates[n]["w"]))}
+        for n in updates
+    }
+    np.testing.assert_allclose(
+        arrays["w"].numpy(), _mean(clipped, counts, [1, 2, 3, 4, 5]), atol=1e-4
+    )

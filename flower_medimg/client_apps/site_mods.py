@@ -15,6 +15,9 @@ message the way ``ClientApp(mods=...)`` does (the first mod is the outermost).
 - ``he.enabled``: the received model is decrypted and the reply encrypted with the
   site's CKKS secret context (TenSEAL;
   :class:`~flower_medimg.privacy.homomorphic_mod.HomomorphicEncryptionMod`).
+- ``node_config["max-update-norm"]``: the site clips its own update to that L2
+  norm (:class:`~flower_medimg.privacy.mods.SiteNormBoundMod`), whatever the server
+  asks.
 - ``dp.user-level = "client"``: each update is clipped to ``dp.user-clipping-norm`` at
   the site (Flower's fixed clipping mod, guarded against zero updates) before the
   server adds the noise.
@@ -32,6 +35,7 @@ from flower_medimg.core import protocol
 from flower_medimg.core.settings import Settings
 from flower_medimg.privacy import (
     PercentilePrivacyMod,
+    SiteNormBoundMod,
     SVTPrivacyMod,
     safe_fixedclipping_mod,
 )
@@ -95,6 +99,13 @@ def site_mods(settings: Settings, context: Context | None = None) -> list[Mod]:
     mods: list[Mod] = model_mods(settings, context)
     if settings["secagg.enabled"]:
         mods.append(SecAggPlusMod(lambda ctx: _train_size(settings, ctx)))
+    bound = (
+        None
+        if context is None
+        else context.node_config.get(protocol.NODE_MAX_UPDATE_NORM)
+    )
+    if bound is not None:  # the site's own bound, inside what masks or encrypts
+        mods.append(SiteNormBoundMod(bound))
     if settings["dp.user-level"] == "client":
         mods.append(safe_fixedclipping_mod)  # must see the filtered reply last
     kind = settings["privacy.filter"]

@@ -53,6 +53,7 @@ __all__ = [
     "NODE_DATA_DIR",
     "NODE_DP_MAX_EPSILON",
     "NODE_HE_SECRET_CONTEXT",
+    "NODE_MAX_UPDATE_NORM",
     "NODE_MAX_VOXELS",
     "NODE_NUM_PARTITIONS",
     "NODE_PARTITION_ID",
@@ -204,6 +205,8 @@ NODE_DATALIST = "datalist"
 NODE_STATE_DIR = "state-dir"
 NODE_DP_MAX_EPSILON = "dp-max-epsilon"
 NODE_MAX_VOXELS = "max-voxels"  # the site's cap on voxels per image file
+#: The site's own bound on the L2 norm of an update it sends.
+NODE_MAX_UPDATE_NORM = "max-update-norm"
 NODE_SHARE_STATISTICS = "share-statistics"
 NODE_PARTITION_ID = "partition-id"  # set by Flower's simulation runtime
 NODE_NUM_PARTITIONS = "num-partitions"

@@ -19,7 +19,12 @@ The server side of user-level DP (clipping, noise and its accountant) is in
 
 from .compression_mod import CompressionMod
 from .homomorphic_mod import HomomorphicEncryptionMod
-from .mods import PercentilePrivacyMod, SVTPrivacyMod, safe_fixedclipping_mod
+from .mods import (
+    PercentilePrivacyMod,
+    SiteNormBoundMod,
+    SVTPrivacyMod,
+    safe_fixedclipping_mod,
+)
 from .secagg_mod import SecAggPlusMod
 from .sparse_sharing import SVTSpend, percentile_filter, svt_filter
 
@@ -30,6 +35,7 @@ __all__ = [
     "SVTPrivacyMod",
     "SVTSpend",
     "SecAggPlusMod",
+    "SiteNormBoundMod",
     "percentile_filter",
     "safe_fixedclipping_mod",
     "svt_filter",

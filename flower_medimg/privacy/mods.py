@@ -29,16 +29,19 @@ import numpy as np
 from flwr.app import (
     Array,
     ArrayRecord,
+    ConfigRecord,
     Context,
     Error,
     Message,
     MessageType,
     MetricRecord,
+    RecordDict,
 )
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from flower_medimg.core import protocol
 
@@ -52,6 +55,7 @@ from .sparse_sharing import (
 __all__ = [
     "PercentilePrivacyMod",
     "SVTPrivacyMod",
+    "SiteNormBoundMod",
     "safe_fixedclipping_mod",
 ]
 
@@ -426,3 +430,57 @@ def safe_fixedclipping_mod(
         return zero_update.reply
     except _NonFiniteUpdate as err:
         return _error_reply(msg, f"safe_fixedclipping_mod: {err}")
+
+
+class SiteNormBoundMod:
+    """Clip the site's update to an L2 norm the site chose, whatever the server says.
+
+    A site's own bound on what one round of its data may move the model
+    (``node_config["max-update-norm"]``): the update ``theta_k - theta_global`` of
+    every train reply is clipped to ``min(bound, the server's clipping_norm)`` by
+    :func:`safe_fixedclipping_mod` (Flower's clipping), before secure aggregation,
+    encryption or compression see it. With secure aggregation the server cannot
+    check a single update, so this is where a hospital bounds its own contribution.
+
+    Parameters
+    ----------
+    bound : float
+        The largest L2 norm of an update this site sends, > 0.
+    """
+
+    def __init__(self, bound: float) -> None:
+        if isinstance(bound, bool) or not (
+            isinstance(bound, int | float) and math.isfinite(bound) and bound > 0
+        ):
+            raise ValueError(
+                f"node_config '{protocol.NODE_MAX_UPDATE_NORM}' must be a positive "
+                f"number, got {bound!r}"
+            )
+        self.bound = float(bound)
+
+    def __repr__(self) -> str:
+        return f"SiteNormBoundMod(bound={self.bound})"
+
+    def __call__(
+        self, msg: Message, context: Context, call_next: ClientAppCallable
+    ) -> Message:
+        """Clip a train reply's update to the site's bound."""
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        configs = msg.content.config_records
+        if len(configs) != 1:
+            return _error_reply(
+                msg,
+                f"{self!r} expects exactly one ConfigRecord in the train message, "
+                f"found {len(configs)}",
+            )
+        name, config = next(iter(configs.items()))
+        server = config.get(KEY_CLIPPING_NORM)
+        bound = self.bound
+        if isinstance(server, int | float) and not isinstance(server, bool):
+            bound = min(bound, float(server))
+        content = RecordDict(dict(msg.content.items()))
+        content[name] = ConfigRecord({**dict(config), KEY_CLIPPING_NORM: bound})
+        return safe_fixedclipping_mod(
+            Message(content, metadata=msg.metadata), context, call_next
+        )
