@@ -488,3 +488,18 @@ def test_the_sites_own_norm_bound_composes_with_secagg():
     np.testing.assert_allclose(
         arrays["w"].numpy(), _mean(clipped, counts, [1, 2, 3, 4, 5]), atol=1e-4
     )
+
+
+def test_quantisation_of_a_sum_by_hand():
+    # c = 1, 2 bits: Q = 3 levels above 0; -1 -> 0, 1 -> 3 (exact grid points)
+    ((low, high),), _ = sa.quantize_update([np.array([-1.0, 1.0])], 1.0, 2)
+    assert (low, high) == (0, 3)
+    # two sites sending -1 and 1: sum 3 -> 3 * 2c / Q - c - (2 - 1) c = 0
+    np.testing.assert_allclose(sa.dequantize_sum([np.array([3])], 1.0, 2, 2), [[0.0]])
+    # two sites sending 1 and 1: sum 6 -> 4 - 1 - 1 = 2
+    np.testing.assert_allclose(sa.dequantize_sum([np.array([6])], 1.0, 2, 2), [[2.0]])
+    # a value beyond c is clipped and counted
+    _, fraction = sa.quantize_update([np.array([5.0, 0.0, -0.5, -9.0])], 1.0, 8)
+    assert fraction == 0.5
+    assert sa.modulus_bits(24, 30) == 29 and sa.wire_dtype(29) == np.uint32
+    assert sa.modulus_bits(8, 4) == 10 and sa.wire_dtype(10) == np.uint16
