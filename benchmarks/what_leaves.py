@@ -14,7 +14,8 @@ fixed random update to the model they received). Per cell:
   (the round's wall time less the sites' time), each as a ratio to plain FedAvg's;
 - the round's peak resident memory above its start (sampled every 5 ms, TenSEAL's
   native buffers included; every site's replies and the server's working arrays
-  live in this one process).
+  live in this one process; arrays of 1 MiB and more are mapped on their own, so
+  the figure is what the round holds, not what the allocator kept from the last).
 
 Each cell runs two rounds and reports the second (the steady state: CKKS then
 sends an encrypted global model, top-k carries a residual).
@@ -198,6 +199,11 @@ class PeakMemory:
 
 
 _LIBC = ctypes.CDLL("libc.so.6")
+# glibc raises its mmap threshold after large frees, and then serves the next
+# round's arrays from memory it already holds, which hides them from the resident
+# size; a fixed threshold maps (and unmaps) every large array on its own
+_M_MMAP_THRESHOLD = -3
+_LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
 
 
 def _rss() -> int:
