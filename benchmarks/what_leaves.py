@@ -12,10 +12,10 @@ fixed random update to the model they received). Per cell:
   SecAgg+, its exchanges), from the records' array data and bytes values;
 - site time (mean over the sites of the time spent in their mods) and server time
   (the round's wall time less the sites' time), each as a ratio to plain FedAvg's;
-- the round's peak resident memory above its start (sampled every 5 ms, TenSEAL's
-  native buffers included; every site's replies and the server's working arrays
-  live in this one process; arrays of 1 MiB and more are mapped on their own, so
-  the figure is what the round holds, not what the allocator kept from the last).
+- the round's peak traced memory (tracemalloc: every Python object and numpy
+  buffer allocated during the round, whatever the allocator reuses; every site's
+  replies and the server's working arrays live in this one process). TenSEAL's
+  native working memory is not traced (its serialised ciphertexts are).
 
 Each cell runs two rounds and reports the second (the steady state: CKKS then
 sends an encrypted global model, top-k carries a residual).
@@ -36,13 +36,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
-import ctypes  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
+import tracemalloc  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -170,47 +169,6 @@ def _setup(variant: str, n: int, he_dir: Path):
     )
 
 
-class PeakMemory:
-    """Sample this process's resident memory (native allocations too) in a thread."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        _LIBC.malloc_trim(0)  # give freed memory back, so the start is honest
-        self.base = _rss()
-
-    def __enter__(self) -> PeakMemory:
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, _rss())
-
-    @property
-    def increase(self) -> int:
-        """Peak resident bytes above those at the start."""
-        return max(self.peak - self.base, 0)
-
-
-_LIBC = ctypes.CDLL("libc.so.6")
-# glibc raises its mmap threshold after large frees, and then serves the next
-# round's arrays from memory it already holds, which hides them from the resident
-# size; a fixed threshold maps (and unmaps) every large array on its own
-_M_MMAP_THRESHOLD = -3
-_LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def run_cell(variant, arrays, updates, he_dir) -> dict:
     """Two rounds of ``variant``; return the second's bytes, times and memory.
 
@@ -222,23 +180,26 @@ def run_cell(variant, arrays, updates, he_dir) -> dict:
     grid = InProcessGrid(updates, {node: make_mod() for node in updates})
     for server_round in (1, 2):
         grid.reset()
-        with PeakMemory() as memory:
-            started = time.perf_counter()
-            messages = list(
-                strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-            )
-            replies = grid.send_and_receive(messages)
-            aggregate, _ = strategy.aggregate_train(server_round, replies)
-            wall = time.perf_counter() - started
+        tracemalloc.start()
+        started = time.perf_counter()
+        messages = list(
+            strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        )
+        replies = grid.send_and_receive(messages)
+        aggregate, _ = strategy.aggregate_train(server_round, replies)
+        wall = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
         assert aggregate is not None, f"{variant}: the round aggregated nothing"
         arrays = aggregate
+        del messages, replies  # the next round starts from what it must hold
     site_total = sum(grid.site_time.values())
     return {
         "sent": statistics.mean(grid.sent.values()),
         "received": statistics.mean(grid.received.values()),
         "site": site_total / n,
         "server": wall - site_total,
-        "peak": memory.increase,
+        "peak": peak,
     }
 
 
