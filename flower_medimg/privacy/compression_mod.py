@@ -18,7 +18,7 @@ update the other mods (clipping, sparse sharing) produced::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from logging import ERROR, INFO, WARNING
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import (
@@ -26,13 +26,11 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
-    Error,
     Message,
     MessageType,
     MetricRecord,
 )
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from flower_medimg.core import protocol
@@ -55,6 +53,8 @@ from flower_medimg.core.protocol import (
     RECORD_CODEC_INFO,
 )
 
+from .mods import mod_error_reply
+
 __all__ = ["STATE_RESIDUAL", "CompressionMod"]
 
 #: Key of top-k's residual (an ArrayRecord) in ``context.state``.
@@ -74,13 +74,6 @@ def _widen_downlink(msg: Message) -> None:
     for name, record in list(msg.content.array_records.items()):
         widened = widen_model({key: record[key].numpy() for key in record})
         msg.content[name] = ArrayRecord({k: Array(v) for k, v in widened.items()})
-
-
-def _error_reply(msg: Message, reason: str) -> Message:
-    log(ERROR, reason)
-    return Message(
-        Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg
-    )
 
 
 @dataclass
@@ -175,11 +168,11 @@ class CompressionMod:
         try:
             _widen_downlink(msg)
         except ValueError as err:
-            return _error_reply(msg, f"{self.name}: server config: {err}")
+            return mod_error_reply(msg, f"{self.name}: server config: {err}")
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
         if len(msg.content.array_records) != 1:
-            return _error_reply(
+            return mod_error_reply(
                 msg,
                 f"{self.name} expects exactly one ArrayRecord in the train message, "
                 f"found {len(msg.content.array_records)}",
@@ -188,21 +181,21 @@ class CompressionMod:
         try:
             codec, fraction = self._settings(msg)
         except ValueError as err:
-            return _error_reply(msg, f"{self.name}: server config: {err}")
+            return mod_error_reply(msg, f"{self.name}: server config: {err}")
 
         reply = call_next(msg, context)
         if reply.has_error() or not reply.content.array_records:
             return reply
         problem = _layout_problem(reply, received)
         if problem:
-            return _error_reply(msg, f"{self.name}: {problem}")
+            return mod_error_reply(msg, f"{self.name}: {problem}")
 
         record_name, sent = next(iter(reply.content.array_records.items()))
         local = {k: sent[k].numpy() for k in sent}
         global_ = {k: received[k].numpy() for k in sent}
         for key, value in local.items():
             if value.shape != global_[key].shape:
-                return _error_reply(
+                return mod_error_reply(
                     msg,
                     f"{self.name}: array '{key}' has shape {value.shape} in the "
                     f"reply but {global_[key].shape} in the train message",

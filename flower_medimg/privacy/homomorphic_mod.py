@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from logging import ERROR, INFO
+from logging import INFO
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from flower_medimg.core import protocol
@@ -52,18 +51,13 @@ from flower_medimg.core.homomorphic import (
     shape_key,
 )
 
+from .mods import mod_error_reply
+
 __all__ = ["HomomorphicEncryptionMod"]
 
 
 class _ModError(Exception):
     """A precondition of the mod failed; the message becomes an error reply."""
-
-
-def _error_reply(msg: Message, reason: str) -> Message:
-    log(ERROR, reason)
-    return Message(
-        Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg
-    )
 
 
 class HomomorphicEncryptionMod:
@@ -112,7 +106,7 @@ class HomomorphicEncryptionMod:
             for name, record in list(msg.content.array_records.items()):
                 msg.content[name] = self._decrypt_record(record)
         except _ModError as err:
-            return _error_reply(msg, f"{self.name}: {err}")
+            return mod_error_reply(msg, f"{self.name}: {err}")
         reply = call_next(msg, context)
         if kind != MessageType.TRAIN or reply.has_error():
             return reply
@@ -121,7 +115,7 @@ class HomomorphicEncryptionMod:
             for name, record in list(reply.content.array_records.items()):
                 reply.content[name] = self._encrypt_record(record, weight)
         except _ModError as err:
-            return _error_reply(msg, f"{self.name}: {err}")
+            return mod_error_reply(msg, f"{self.name}: {err}")
         return reply
 
     def _decrypt_record(self, record: ArrayRecord) -> ArrayRecord:

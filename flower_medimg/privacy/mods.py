@@ -56,11 +56,13 @@ __all__ = [
     "PercentilePrivacyMod",
     "SVTPrivacyMod",
     "SiteNormBoundMod",
+    "mod_error_reply",
     "safe_fixedclipping_mod",
 ]
 
 
-def _error_reply(msg: Message, reason: str) -> Message:
+def mod_error_reply(msg: Message, reason: str) -> Message:
+    """Log ``reason`` and return it as the error reply of a failed mod precondition."""
     log(ERROR, reason)
     return Message(
         Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg
@@ -109,7 +111,7 @@ class _UpdateFilterMod:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
         if len(msg.content.array_records) != 1:
-            return _error_reply(
+            return mod_error_reply(
                 msg,
                 f"{self.name} expects exactly one ArrayRecord in the train message, "
                 f"found {len(msg.content.array_records)}",
@@ -120,13 +122,13 @@ class _UpdateFilterMod:
         if reply.has_error():
             return reply
         if len(reply.content.array_records) != 1:
-            return _error_reply(
+            return mod_error_reply(
                 msg,
                 f"{self.name} expects exactly one ArrayRecord in the reply, "
                 f"found {len(reply.content.array_records)}",
             )
         if len(reply.content.metric_records) > 1:
-            return _error_reply(
+            return mod_error_reply(
                 msg,
                 f"{self.name} expects at most one MetricRecord in the reply, "
                 f"found {len(reply.content.metric_records)}",
@@ -135,7 +137,7 @@ class _UpdateFilterMod:
         missing = set(received.keys()) - set(sent.keys())
         extra = set(sent.keys()) - set(received.keys())
         if missing or extra:
-            return _error_reply(
+            return mod_error_reply(
                 msg,
                 f"{self.name} needs the reply to carry the received array keys: "
                 f"missing {sorted(missing)}, extra {sorted(extra)}",
@@ -146,7 +148,7 @@ class _UpdateFilterMod:
         delta: dict[str, np.ndarray] = {}
         for key, value in local.items():
             if value.shape != global_[key].shape:
-                return _error_reply(
+                return mod_error_reply(
                     msg,
                     f"{self.name}: array '{key}' has shape {value.shape} in the "
                     f"reply but {global_[key].shape} in the train message",
@@ -159,7 +161,7 @@ class _UpdateFilterMod:
         try:
             filtered, extra_metrics = self._filter(delta, steps, msg, context)
         except ValueError as err:
-            return _error_reply(msg, f"{self.name}: {err}")
+            return mod_error_reply(msg, f"{self.name}: {err}")
 
         arrays = {}
         for key, value in local.items():
@@ -429,7 +431,7 @@ def safe_fixedclipping_mod(
         log(INFO, "safe_fixedclipping_mod: zero update, nothing to clip")
         return zero_update.reply
     except _NonFiniteUpdate as err:
-        return _error_reply(msg, f"safe_fixedclipping_mod: {err}")
+        return mod_error_reply(msg, f"safe_fixedclipping_mod: {err}")
 
 
 class SiteNormBoundMod:
@@ -469,7 +471,7 @@ class SiteNormBoundMod:
             return call_next(msg, context)
         configs = msg.content.config_records
         if len(configs) != 1:
-            return _error_reply(
+            return mod_error_reply(
                 msg,
                 f"{self!r} expects exactly one ConfigRecord in the train message, "
                 f"found {len(configs)}",

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from logging import ERROR, INFO
+from logging import INFO
 
 import numpy as np
 from cryptography.exceptions import InvalidKey
@@ -37,14 +37,12 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
-    Error,
     Message,
     MessageType,
     MetricRecord,
     RecordDict,
 )
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
@@ -58,6 +56,8 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
 
 from flower_medimg.core import protocol
 from flower_medimg.core import secagg as sa
+
+from .mods import mod_error_reply
 
 __all__ = ["SecAggPlusMod"]
 
@@ -140,11 +140,7 @@ class SecAggPlusMod:
             )
         except (SecAggError, InvalidKey, InvalidToken, KeyError) as err:
             reason = f"secagg {stage or 'message'} refused: {err or type(err).__name__}"
-            log(ERROR, reason)
-            return Message(
-                Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason),
-                reply_to=msg,
-            )
+            return mod_error_reply(msg, reason)
 
     def _setup(self, msg: Message, context: Context, config: ConfigRecord) -> Message:
         """Key advertisement: check the parameters, make two key pairs, reply both."""

@@ -8,8 +8,11 @@ outcomes of a round) walks the same chain.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 __all__ = ["DelegatingWrapper", "strategy_chain"]
@@ -21,7 +24,8 @@ class DelegatingWrapper:
     Attribute reads and writes other than the names in ``_OWN_ATTRIBUTES`` go to
     ``self.strategy``, so that ``wrapper.server_learning_rate = 0.5`` sets the
     wrapped FedOpt's and the lifecycle finds the wrapped strategy's
-    ``num_examples_bounds`` through any chain of wrappers.
+    ``num_examples_bounds`` through any chain of wrappers. Evaluation is the
+    wrapped strategy's unless the wrapper defines its own.
     """
 
     _OWN_ATTRIBUTES: frozenset[str] = frozenset({"strategy"})
@@ -38,6 +42,18 @@ class DelegatingWrapper:
             object.__setattr__(self, name, value)
         else:
             setattr(self.strategy, name, value)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate to the wrapped strategy."""
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Delegate to the wrapped strategy."""
+        return self.strategy.aggregate_evaluate(server_round, replies)
 
 
 def strategy_chain(strategy: Strategy) -> list[Strategy]:

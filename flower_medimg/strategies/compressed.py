@@ -202,14 +202,6 @@ class DecompressUpdates(DelegatingWrapper, Strategy):
         messages = self.strategy.configure_evaluate(server_round, arrays, config, grid)
         return self._narrowed(messages, arrays)[0]
 
-    def aggregate_evaluate(
-        self,
-        server_round: int,
-        replies: Iterable[Message],
-    ) -> MetricRecord | None:
-        """Delegate to the wrapped strategy."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
 
 def decode_reply(
     reply: Message,

@@ -219,18 +219,6 @@ class HomomorphicFedAvg(DelegatingWrapper, Strategy):
         )
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate to the wrapped strategy (the sites decrypt the arrays)."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Delegate to the wrapped strategy (evaluate replies hold only metrics)."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -594,19 +594,6 @@ class SecAggPlus(DelegatingWrapper, Strategy):
         ]
         return None, None
 
-    # ---- evaluation is not masked -------------------------------------------------
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Delegate to the wrapped strategy."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Delegate to the wrapped strategy."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
 
 class _UnmaskError(Exception):
     """The round's sum cannot be unmasked."""
